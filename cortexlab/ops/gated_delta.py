@@ -1,0 +1,129 @@
+"""Public entry point: `gated_delta_rule`, input validation and backend dispatch."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .chunk import ChunkGatedDeltaRule
+from .recurrent import recurrent_gated_delta_rule
+
+BACKENDS = ("auto", "recurrent", "chunk", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, x, rank: int, dims: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} with layout {dims}, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32 or fp64), got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def validate_inputs(q, k, v, g, beta, initial_state, *, scale, chunk_size, backend,
+                    allow_neg_eigval) -> None:
+    """Raise ValueError/TypeError naming the offending argument; touches no state."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_tensor("q", q, 4, "[B, T, H, D_k]")
+    _check_tensor("k", k, 4, "[B, T, H, D_k]")
+    _check_tensor("v", v, 4, "[B, T, H, D_v]")
+    _check_tensor("g", g, 3, "[B, T, H]")
+    _check_tensor("beta", beta, 3, "[B, T, H]")
+    B, T, H, Dk = k.shape
+    if T == 0:
+        raise ValueError("k has T = 0 tokens; the sequence must hold at least one token")
+    if Dk == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dimensions must be positive, got D_k={Dk}, D_v={v.shape[-1]}")
+    if q.shape != k.shape:
+        raise ValueError(f"q must have the same shape as k {tuple(k.shape)}, got {tuple(q.shape)}")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B={B}, T={T}, H={H}, D_v], got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B={B}, T={T}, H={H}], got {tuple(x.shape)}")
+    if (g > 0).any():
+        raise ValueError(f"g is the log of the forget gate and must be <= 0; max is {g.max().item():.4g}")
+    beta_max = 2.0 if allow_neg_eigval else 1.0
+    if (beta < 0).any() or (beta > beta_max).any():
+        hint = "" if allow_neg_eigval else " (pass allow_neg_eigval=True to allow up to 2)"
+        raise ValueError(
+            f"beta must lie in [0, {beta_max:g}]{hint}; got range "
+            f"[{beta.min().item():.4g}, {beta.max().item():.4g}]"
+        )
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 4, "[B, H, D_k, D_v]")
+        expected = (B, H, Dk, v.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    devices = {x.device for x in (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" means the Triton kernels on CUDA and the torch chunked path elsewhere."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "chunk"
+    return backend
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+    use_qk_l2norm: bool = False,
+    allow_neg_eigval: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule over a sequence; per head and token, with a_t = exp(g_t):
+
+        S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T,     o_t = scale S_t^T q_t
+
+    Args:
+        q, k: [B, T, H, D_k]; v: [B, T, H, D_v]; g (log forget gate, <= 0) and beta: [B, T, H].
+        scale: defaults to D_k ** -0.5.
+        initial_state: [B, H, D_k, D_v] state before the first token (zeros if None).
+        output_final_state: also return the fp32 state after the last token.
+        chunk_size: tokens per chunk for the chunked backends (any T is accepted).
+        backend: "recurrent" (sequential oracle), "chunk" (torch), "triton" (kernels; CPU
+            tensors need TRITON_INTERPRET=1) or "auto" (triton on CUDA, chunk otherwise).
+        use_qk_l2norm: L2-normalise q and k over D_k first (as transformers and fla do).
+        allow_neg_eigval: accept beta in [0, 2] instead of [0, 1].
+
+    Returns:
+        (o [B, T, H, D_v] in v's dtype, final state [B, H, D_k, D_v] fp32 or None).
+    """
+    validate_inputs(q, k, v, g, beta, initial_state, scale=scale, chunk_size=chunk_size,
+                    backend=backend, allow_neg_eigval=allow_neg_eigval)
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    if use_qk_l2norm:
+        q = F.normalize(q.float(), dim=-1, eps=1e-6).to(q.dtype)
+        k = F.normalize(k.float(), dim=-1, eps=1e-6).to(k.dtype)
+    backend = resolve_backend(backend, q.device)
+    if backend == "recurrent":
+        o, state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
+        o = o.to(v.dtype)
+    elif backend == "chunk":
+        o, state = ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, float(scale), chunk_size)
+    else:
+        from .triton_backend import triton_gated_delta_rule
+
+        o, state = triton_gated_delta_rule(q, k, v, g, beta, initial_state, float(scale), chunk_size)
+    return o, (state if output_final_state else None)
