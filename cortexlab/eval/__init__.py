@@ -1,0 +1,1 @@
+"""Experiments behind every plot: capacity probes, timing and memory measurement."""

@@ -1,0 +1,35 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def rrmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative root-mean-square error ||actual - expected|| / ||expected||."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B=2, T=65, H=3, Dk=16, Dv=8, *, decay=1.0, dtype=torch.float32, seed=0,
+                initial_state=True, requires_grad=True):
+    """Random gated-delta inputs: L2-normalised keys, g = -decay * softplus(noise), beta in (0, 1).
+
+    `decay` scales the log gate from weak (0.01) to strong (10); decay=0 gives g == 0 exactly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dk, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, Dk, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, Dv, generator=gen)
+    g = -decay * F.softplus(torch.randn(B, T, H, generator=gen) - 2.0)
+    beta = torch.rand(B, T, H, generator=gen)
+    h0 = torch.randn(B, H, Dk, Dv, generator=gen) if initial_state else None
+    tensors = [x.to(dtype) if x is not None else None for x in (q, k, v, g, beta, h0)]
+    if requires_grad:
+        for x in tensors:
+            if x is not None:
+                x.requires_grad_(True)
+    return tensors
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs
