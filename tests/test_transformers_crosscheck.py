@@ -1,6 +1,5 @@
 """Cross-check against an implementation written elsewhere: transformers' Qwen3-Next torch paths."""
 import pytest
-import torch
 
 from cortexlab.ops import gated_delta_rule
 from conftest import make_inputs, rrmse

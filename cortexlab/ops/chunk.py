@@ -43,29 +43,31 @@ def _from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _intra_chunk(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
-    """Per-chunk quantities shared by forward and backward.
+    """Per-chunk quantities of the UT transform.
 
     Returns gamma [B,H,N,C], the inclusive decay matrix M [.., C, C] (zero above the
-    diagonal), K K^T and the strictly lower A of the UT transform.
+    diagonal), kkM = (K K^T * M) strictly below the diagonal (so A = diag(beta) kkM) and
+    the UT transform T = (I + A)^-1, formed once by a unit-triangular solve so that both
+    passes apply it (and its transpose) as plain matrix products.
     """
     C = g.shape[-1]
     gamma = g.cumsum(-1)
     inclusive = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
     diff = gamma[..., :, None] - gamma[..., None, :]
     M = diff.masked_fill(~inclusive, float("-inf")).exp()
-    kk = k @ k.transpose(-1, -2)
-    A = (beta[..., :, None] * kk * M).tril(-1)
-    return gamma, M, kk, A
+    kkM = ((k @ k.transpose(-1, -2)) * M).tril(-1)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device).expand_as(kkM)
+    T = torch.linalg.solve_triangular(beta[..., :, None] * kkM, eye, upper=False, unitriangular=True)
+    return gamma, M, kkM, T
 
 
 def chunk_forward(q, k, v, g, beta, scale, h0, chunk_size):
     """Chunked forward on [B,H,N,C,*] tensors. Returns o, final state and what backward needs."""
-    B, H, N, C, Dk = k.shape
+    B, H, N, _, Dk = k.shape
     Dv = v.shape[-1]
-    gamma, M, _, A = _intra_chunk(k, g, beta)
+    gamma, M, kkM, T = _intra_chunk(k, g, beta)
     Gamma = gamma.exp()
-    rhs = torch.cat([beta[..., None] * v, (beta * Gamma)[..., None] * k], dim=-1)
-    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    UW = T @ torch.cat([beta[..., None] * v, (beta * Gamma)[..., None] * k], dim=-1)
     U, Wk = UW.split([Dv, Dk], dim=-1)
     chunk_decay = Gamma[..., -1]                                   # [B,H,N]
     k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]      # K * exp(gamma_C - gamma)
@@ -81,15 +83,14 @@ def chunk_forward(q, k, v, g, beta, scale, h0, chunk_size):
 
     P = scale * (q @ k.transpose(-1, -2)) * M
     o = scale * Gamma[..., None] * (q @ hs) + P @ W
-    return o, h, (UW, W, hs)
+    return o, h, (gamma, M, kkM, T, UW, W, hs)
 
 
-def chunk_backward(q, k, v, g, beta, scale, saved, do, dh_final):
+def chunk_backward(q, k, v, beta, scale, saved, do, dh_final):
     """Gradients of chunk_forward: (dq, dk, dv, dg, dbeta, dh0), same [B,H,N,C,*] layout."""
-    UW, W, hs = saved
+    gamma, M, kkM, T, UW, W, hs = saved
     Dk, Dv = k.shape[-1], v.shape[-1]
-    U, Wk = UW.split([Dv, Dk], dim=-1)
-    gamma, M, kk, A = _intra_chunk(k, g, beta)
+    Wk = UW[..., Dv:]
     Gamma = gamma.exp()
     chunk_decay = Gamma[..., -1]
     k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
@@ -125,9 +126,9 @@ def chunk_backward(q, k, v, g, beta, scale, saved, do, dh_final):
     dgamma = dgamma - dKK.sum(-1)
     dgamma_last = dKK.sum((-1, -2)) + chunk_decay * (hs * dh_next).sum((-1, -2))
 
-    # UW = (I + A)^-1 rhs: d rhs = (I + A)^-T dUW,  dA = -(d rhs) UW^T
+    # UW = T rhs with T = (I + A)^-1: d rhs = T^T dUW,  dA = -(d rhs) UW^T
     dUW = torch.cat([dW, -(dW @ hs.transpose(-1, -2))], dim=-1)
-    drhs = torch.linalg.solve_triangular(A.transpose(-1, -2), dUW, upper=True, unitriangular=True)
+    drhs = T.transpose(-1, -2) @ dUW
     dA = -(drhs @ UW.transpose(-1, -2)).tril(-1)
     drhs_v, drhs_k = drhs.split([Dv, Dk], dim=-1)
     dv = beta[..., None] * drhs_v
@@ -136,9 +137,10 @@ def chunk_backward(q, k, v, g, beta, scale, saved, do, dh_final):
     dbeta = (v * drhs_v).sum(-1) + d_beta_gamma * Gamma
     dgamma = dgamma + d_beta_gamma * beta * Gamma
 
-    # A_ij = beta_i (k_i . k_j) M_ij, strictly lower
-    dAA = dA * A
-    dbeta = dbeta + (dA * kk * M).sum(-1)
+    # A_ij = beta_i (k_i . k_j) M_ij = beta_i kkM_ij, strictly lower
+    dA_kkM = dA * kkM
+    dbeta = dbeta + dA_kkM.sum(-1)
+    dAA = dA_kkM * beta[..., :, None]
     dgamma = dgamma + dAA.sum(-1) - dAA.sum(-2)
     dkk = dA * beta[..., :, None] * M
     dk = dk + (dkk + dkk.transpose(-1, -2)) @ k
@@ -169,21 +171,21 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
             else kc.new_zeros(B, H, Dk, vc.shape[-1])
         )
         o, h_final, saved = chunk_forward(qc, kc, vc, gc, bc, scale, h0, chunk_size)
-        ctx.save_for_backward(qc, kc, vc, gc, bc, *saved)
+        ctx.save_for_backward(qc, kc, vc, bc, *saved)
         ctx.meta = (T, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
                     None if initial_state is None else initial_state.dtype)
         return _from_chunks(o, T, v.dtype), h_final
 
     @staticmethod
     def backward(ctx, do, dh_final):
-        qc, kc, vc, gc, bc, *saved = ctx.saved_tensors
+        qc, kc, vc, bc, *saved = ctx.saved_tensors
         T, scale, q_dt, k_dt, v_dt, g_dt, b_dt, h0_dt = ctx.meta
         chunk_size = qc.shape[3]
         doc = _to_chunks(do, chunk_size, qc.dtype)
         if dh_final is None:
-            dh_final = torch.zeros_like(saved[2][:, :, 0])
+            dh_final = torch.zeros_like(saved[-1][:, :, 0])
         dq, dk, dv, dg, db, dh0 = chunk_backward(
-            qc, kc, vc, gc, bc, scale, saved, doc, dh_final.to(qc.dtype)
+            qc, kc, vc, bc, scale, saved, doc, dh_final.to(qc.dtype)
         )
         return (
             _from_chunks(dq, T, q_dt),
