@@ -161,6 +161,7 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, chunk_size):
         T = q.shape[1]
+        chunk_size = min(chunk_size, T)  # a sequence shorter than a chunk is one chunk
         dtype = compute_dtype(q.dtype)
         qc, kc, vc = (_to_chunks(x, chunk_size, dtype) for x in (q, k, v))
         gc, bc = (_to_chunks(x, chunk_size, dtype) for x in (g, beta))
