@@ -87,63 +87,78 @@ def chunk_forward(q, k, v, g, beta, scale, h0, chunk_size):
 
 
 def chunk_backward(q, k, v, beta, scale, saved, do, dh_final):
-    """Gradients of chunk_forward: (dq, dk, dv, dg, dbeta, dh0), same [B,H,N,C,*] layout."""
+    """Gradients of chunk_forward: (dq, dk, dv, dg, dbeta, dh0), same [B,H,N,C,*] layout.
+
+    Temporaries are freed (or overwritten in place) after their last use: the [.., C, C]
+    and [.., D_k, D_v] intermediates dominate peak memory on long sequences.
+    """
     gamma, M, kkM, T, UW, W, hs = saved
     Dk, Dv = k.shape[-1], v.shape[-1]
     Wk = UW[..., Dv:]
     Gamma = gamma.exp()
     chunk_decay = Gamma[..., -1]
-    k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
+    decay_to_end = (gamma[..., -1:] - gamma).exp()[..., None]     # exp(gamma_C - gamma)
+    k_to_end = k * decay_to_end
+    scaled_Gamma = scale * Gamma[..., None]
 
     # o = scale Gamma q h + P W  with  P = scale (q k^T) * M
-    P = scale * (q @ k.transpose(-1, -2)) * M
-    q_h = scale * Gamma[..., None] * (q @ hs)
-    dP = do @ W.transpose(-1, -2)
-    dqk = dP * M * scale
-    dq = scale * Gamma[..., None] * (do @ hs.transpose(-1, -2)) + dqk @ k
-    dk = dqk.transpose(-1, -2) @ q
-    dPP = dP * P
-    dgamma = (do * q_h).sum(-1) + dPP.sum(-1) - dPP.sum(-2)
-    dW_out = P.transpose(-1, -2) @ do
-    dh_out = (scale * Gamma[..., None] * q).transpose(-1, -2) @ do
+    P = (q @ k.mT).mul_(M).mul_(scale)
+    dW = P.mT @ do                         # the output's share of dW; the loop adds the rest
+    dP = do @ W.mT
+    dPP = P.mul_(dP)                       # dP * P, in P's storage
+    del P
+    dgamma = dPP.sum(-1) - dPP.sum(-2) + (do * (q @ hs)).mul_(scaled_Gamma).sum(-1)
+    del dPP
+    dqk = dP.mul_(M).mul_(scale)           # dP * M * scale, in dP's storage
+    del dP
+    dq = (do @ hs.mT).mul_(scaled_Gamma).add_(dqk @ k)
+    dk = dqk.mT @ q
+    del dqk
+    dh_carry = (q * scaled_Gamma).mT @ do  # d o / d h per chunk; becomes dh_next in the loop
 
-    # reverse pass over chunks: W_n = U_n - Wk_n h_n,  h_{n+1} = Gamma_C h_n + Kd_n^T W_n
-    N = k.shape[2]
-    dW = torch.empty_like(W)
-    dh_next = torch.empty_like(hs)  # gradient of the state at the end of each chunk
+    # reverse pass over chunks: W_n = U_n - Wk_n h_n,  h_{n+1} = Gamma_C h_n + Kd_n^T W_n.
+    # Slot n of dh_carry is read for the update, then overwritten with the gradient of the
+    # state at the end of chunk n (dh_next), which the terms below need.
     dh = dh_final
-    for n in reversed(range(N)):
-        dh_next[:, :, n] = dh
-        dw = dW_out[:, :, n] + k_to_end[:, :, n] @ dh
-        dW[:, :, n] = dw
-        dh = chunk_decay[:, :, n, None, None] * dh - Wk[:, :, n].transpose(-1, -2) @ dw + dh_out[:, :, n]
-    dh0 = dh
+    for n in reversed(range(k.shape[2])):
+        dw = dW[:, :, n].add_(k_to_end[:, :, n] @ dh)
+        dh_prev = chunk_decay[:, :, n, None, None] * dh - Wk[:, :, n].mT @ dw + dh_carry[:, :, n]
+        dh_carry[:, :, n] = dh
+        dh = dh_prev
+    dh0, dh_next = dh, dh_carry
 
     # state passing terms
-    dk_to_end = W @ dh_next.transpose(-1, -2)
-    dKK = dk_to_end * k_to_end
-    dk = dk + dk_to_end * (gamma[..., -1:] - gamma).exp()[..., None]
-    dgamma = dgamma - dKK.sum(-1)
-    dgamma_last = dKK.sum((-1, -2)) + chunk_decay * (hs * dh_next).sum((-1, -2))
+    dk_to_end = W @ dh_next.mT
+    dKK = (dk_to_end * k_to_end).sum(-1)
+    dgamma -= dKK
+    dgamma_last = dKK.sum(-1) + chunk_decay * (hs * dh_next).sum((-1, -2))
+    dk += dk_to_end.mul_(decay_to_end)
+    del dk_to_end, dh_next, dh_carry
 
     # UW = T rhs with T = (I + A)^-1: d rhs = T^T dUW,  dA = -(d rhs) UW^T
-    dUW = torch.cat([dW, -(dW @ hs.transpose(-1, -2))], dim=-1)
-    drhs = T.transpose(-1, -2) @ dUW
-    dA = -(drhs @ UW.transpose(-1, -2)).tril(-1)
+    dUW = torch.cat([dW, (dW @ hs.mT).neg_()], dim=-1)
+    del dW
+    drhs = T.mT @ dUW
+    del dUW
+    dA = (drhs @ UW.mT).tril_(-1).neg_()
     drhs_v, drhs_k = drhs.split([Dv, Dk], dim=-1)
     dv = beta[..., None] * drhs_v
     d_beta_gamma = (k * drhs_k).sum(-1)                 # gradient of beta_t Gamma_t
-    dk = dk + (beta * Gamma)[..., None] * drhs_k
+    dk += (beta * Gamma)[..., None] * drhs_k
     dbeta = (v * drhs_v).sum(-1) + d_beta_gamma * Gamma
-    dgamma = dgamma + d_beta_gamma * beta * Gamma
+    dgamma += d_beta_gamma * beta * Gamma
+    del drhs, drhs_v, drhs_k
 
     # A_ij = beta_i (k_i . k_j) M_ij = beta_i kkM_ij, strictly lower
+    beta_i = beta[..., :, None]
     dA_kkM = dA * kkM
-    dbeta = dbeta + dA_kkM.sum(-1)
-    dAA = dA_kkM * beta[..., :, None]
-    dgamma = dgamma + dAA.sum(-1) - dAA.sum(-2)
-    dkk = dA * beta[..., :, None] * M
-    dk = dk + (dkk + dkk.transpose(-1, -2)) @ k
+    dbeta += dA_kkM.sum(-1)
+    dAA = dA_kkM.mul_(beta_i)
+    dgamma += dAA.sum(-1) - dAA.sum(-2)
+    del dA_kkM, dAA
+    dkk = dA.mul_(beta_i).mul_(M)                        # d (k_i . k_j) below the diagonal
+    dk += dkk @ k
+    dk += dkk.mT @ k
 
     dgamma[..., -1] += dgamma_last
     dg = dgamma.flip(-1).cumsum(-1).flip(-1)   # gamma = cumsum(g) within the chunk

@@ -20,7 +20,8 @@ def _check_tensor(name: str, x, rank: int, dims: str) -> None:
         raise ValueError(f"{name} must have rank {rank} with layout {dims}, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32 or fp64), got {x.dtype}")
-    if not torch.isfinite(x).all():
+    if x.numel() and not all(map(math.isfinite, torch.aminmax(x.detach()))):
+        # min and max are finite exactly when every element is (NaN propagates through both)
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
