@@ -1,0 +1,12 @@
+"""Cortex: a trainable gated-delta-rule memory sidecar on frozen Hugging Face decoders."""
+from .config import CortexWrapConfig
+from .gdn import CortexBlock, GatedDeltaNet
+from .hybrid import HybridCortexBlock
+from .session import SessionCorruptError, SessionStore, validate_session_id
+from .wrap import CortexModel, attach_cortex, load_qwen_with_cortex, load_with_cortex
+
+__all__ = [
+    "CortexBlock", "CortexModel", "CortexWrapConfig", "GatedDeltaNet", "HybridCortexBlock",
+    "SessionCorruptError", "SessionStore", "attach_cortex", "load_qwen_with_cortex",
+    "load_with_cortex", "validate_session_id",
+]

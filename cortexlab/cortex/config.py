@@ -1,0 +1,86 @@
+"""`CortexWrapConfig`: every setting of the memory sidecar, validated on construction."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+FORGET_GATES = ("log", "sigmoid")
+DEFAULT_FORGET_BIAS = {"log": -7.0, "sigmoid": 2.0}
+
+
+@dataclass
+class CortexWrapConfig:
+    """Settings of the sidecars attached to a frozen decoder.
+
+    Memory: `num_heads` heads of a gated-delta-rule state, each [rank_fast, rank_fast].
+    Forget gate a_t = exp(g_t), learned per token from the layer input x_t:
+      - "log" (default):  g = log(alpha_max) - softplus(w.x + b), b = -7 -> a ~ 0.999 at
+        initialisation, a half-life of ~760 tokens, so a fact survives many calls;
+      - "sigmoid" (the source design's "bias hack"): a = alpha_max * sigmoid(w.x + b),
+        b = +2 -> a ~ 0.88, a half-life of ~5 tokens (notebook 01 shows why it forgets).
+    Hybrid: a sliding-window attention over the last `window_size` tokens beside the
+    memory, mixed per head by a learned gate; the output projection starts at zero, so a
+    freshly wrapped model is exactly the base model.
+    `layers`: "all" or a list of decoder-layer indices that get a sidecar.
+    """
+
+    rank_fast: int = 32
+    num_heads: int = 4
+    alpha_max: float = 1.0
+    forget_gate: str = "log"
+    forget_bias: float | None = None
+    use_hybrid: bool = True
+    window_size: int = 128
+    layers: str | list[int] = "all"
+    conv_size: int = 4
+    chunk_size: int = 64
+    backend: str = "auto"
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("rank_fast", "num_heads", "window_size", "conv_size", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.forget_gate not in FORGET_GATES:
+            raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {self.forget_gate!r}")
+        if not (isinstance(self.alpha_max, (int, float)) and 0 < self.alpha_max <= 1):
+            raise ValueError(f"alpha_max must lie in (0, 1], got {self.alpha_max!r}")
+        if self.forget_bias is None:
+            self.forget_bias = DEFAULT_FORGET_BIAS[self.forget_gate]
+        if not (isinstance(self.forget_bias, (int, float)) and math.isfinite(self.forget_bias)):
+            raise ValueError(f"forget_bias must be a finite number or None, got {self.forget_bias!r}")
+        if self.layers != "all":
+            if (not isinstance(self.layers, (list, tuple)) or not self.layers
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
+                raise ValueError(f"layers must be 'all' or a non-empty list of ints, got {self.layers!r}")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers has duplicates: {self.layers!r}")
+            self.layers = sorted(self.layers)
+        from cortexlab.ops import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not (isinstance(self.norm_eps, float) and self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The decoder layers that get a sidecar; ValueError if one does not exist."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a model with {num_layers} decoder layers")
+        return list(self.layers)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CortexWrapConfig:
+        data = json.loads(text)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown CortexWrapConfig fields in JSON: {sorted(unknown)}")
+        return cls(**data)

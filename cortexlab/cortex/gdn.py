@@ -1,0 +1,134 @@
+"""`GatedDeltaNet`: the sidecar's memory layer, and `CortexBlock`, its per-token reference.
+
+Per token x_t (the decoder layer's normalised input) and head h:
+
+    q, k, v = silu(causal_conv([W_q x, W_k x, W_v x]))     q, k L2-normalised per head
+    beta_t  = sigmoid(w_b . x_t)                            write strength in (0, 1)
+    g_t     = log a_t  (the forget gate, see CortexWrapConfig)
+    S_t     = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T        (gated delta rule)
+    o_t     = RMSNorm(scale S_t^T q_t) * silu(W_o x_t)
+
+A sequence runs through `cortexlab.ops.gated_delta_rule` (chunkwise parallel); a single
+token (decoding) through the O(D^2) recurrent step, so nothing grows with the context.
+State per layer: "S" [B, H, D, D] (fp32) and "conv" [B, K-1, 3HD], the conv's last inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cortexlab.ops import gated_delta_rule, gated_delta_step
+
+from .config import CortexWrapConfig
+
+
+def forget_gate_log(logits: torch.Tensor, cfg: CortexWrapConfig) -> torch.Tensor:
+    """g_t = log a_t from the gate logits z = w.x + b, for the configured gate:
+
+    "log":     g = log(alpha_max) - softplus(z),   z = w.x + b (b = -7: a ~ 0.999)
+    "sigmoid": g = log(alpha_max) + logsigmoid(z)  (a = alpha_max sigmoid(z), b = +2: a ~ 0.88)
+    """
+    log_cap = torch.log(torch.tensor(cfg.alpha_max, dtype=logits.dtype, device=logits.device))
+    if cfg.forget_gate == "log":
+        return log_cap - F.softplus(logits)
+    return log_cap + F.logsigmoid(logits)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time + SiLU: y_t = silu(sum_j w_j x_{t-K+1+j}).
+
+    `tail` holds the K-1 inputs before this call (zeros for a fresh sequence), so a
+    sequence split across calls gives exactly the outputs of one call.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv1d's default
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None):
+        B, T, C = x.shape
+        if tail is None:
+            tail = x.new_zeros(B, self.kernel_size - 1, C)
+        full = torch.cat([tail, x], dim=1)                   # [B, K-1+T, C]
+        y = F.conv1d(full.transpose(1, 2), self.weight, groups=C).transpose(1, 2)
+        return F.silu(y), full[:, full.shape[1] - (self.kernel_size - 1):]
+
+
+class GatedDeltaNet(nn.Module):
+    """Multi-head gated delta rule memory over a [B, T, d_model] stream (see module doc)."""
+
+    def __init__(self, d_model: int, cfg: CortexWrapConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.num_heads, cfg.rank_fast
+        self.num_heads, self.head_dim = H, D
+        self.qkv_proj = nn.Linear(d_model, 3 * H * D, bias=False)
+        self.conv = ShortConv(3 * H * D, cfg.conv_size)
+        self.beta_proj = nn.Linear(d_model, H)
+        self.gate_proj = nn.Linear(d_model, H)      # forget gate logits z = w.x + b
+        self.out_gate_proj = nn.Linear(d_model, H * D, bias=False)
+        self.out_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        nn.init.normal_(self.beta_proj.weight, std=0.02)
+        nn.init.zeros_(self.beta_proj.bias)          # beta = 0.5 at the start
+        nn.init.zeros_(self.gate_proj.weight)        # every token starts at the documented decay
+        nn.init.constant_(self.gate_proj.bias, cfg.forget_bias)
+
+    def features(self, x, conv_tail, token_mask):
+        """q, k, v [B,T,H,D] after the short conv (q, k not yet normalised), and the new tail."""
+        if token_mask is not None:
+            x = x * token_mask[..., None]  # a padded token enters the conv as zeros
+        qkv, tail = self.conv(self.qkv_proj(x), conv_tail)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)
+        return q, k, v, tail
+
+    def gates(self, x, token_mask):
+        """g (log forget gate) and beta, [B,T,H]; a padded token gets g = 0, beta = 0 (no-op)."""
+        g = forget_gate_log(self.gate_proj(x), self.cfg)
+        beta = torch.sigmoid(self.beta_proj(x))
+        if token_mask is not None:
+            g, beta = g * token_mask[..., None], beta * token_mask[..., None]
+        return g, beta
+
+    def memory(self, q, k, v, g, beta, S0):
+        """The gated delta rule over the sequence; returns (o [B,T,H,D], final S fp32)."""
+        if q.shape[1] == 1 and S0 is not None:  # decoding: one O(D^2) recurrent step
+            o, S = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0, self.head_dim ** -0.5)
+            return o[:, None], S
+        return gated_delta_rule(q, k, v, g, beta, initial_state=S0, output_final_state=True,
+                                chunk_size=self.cfg.chunk_size, backend=self.cfg.backend)
+
+    def forward(self, x, state=None, token_mask=None):
+        """x [B,T,d_model] -> (o [B,T,H,D], new state, (q, k, v) pre-normalisation features)."""
+        state = state or {}
+        q, k, v, tail = self.features(x, state.get("conv"), token_mask)
+        g, beta = self.gates(x, token_mask)
+        o, S = self.memory(F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6),
+                           v, g, beta, state.get("S"))
+        gate = F.silu(self.out_gate_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        o = self.out_norm(o.to(x.dtype)) * gate
+        return o, {"S": S, "conv": tail}, (q, k, v)
+
+
+class CortexBlock(GatedDeltaNet):
+    """Cortex v1: the same memory as `GatedDeltaNet`, written as a plain per-token loop.
+
+    Kept as the readable reference (and tested equal to the chunked v2 path); it is
+    O(T) sequential steps, so use it to read, not to train.
+    """
+
+    def memory(self, q, k, v, g, beta, S0):
+        B, T, H, D = k.shape
+        S = torch.zeros(B, H, D, v.shape[-1], dtype=torch.float32, device=k.device) if S0 is None else S0.float()
+        scale = D ** -0.5
+        outputs = []
+        for t in range(T):
+            a = g[:, t].float().exp()[..., None, None]                     # [B, H, 1, 1]
+            k_t, v_t, q_t = k[:, t].float(), v[:, t].float(), q[:, t].float()
+            recalled = torch.einsum("bhkv,bhk->bhv", a * S, k_t)            # a S^T k
+            error = v_t - recalled                                          # what the memory got wrong
+            S = a * S + beta[:, t].float()[..., None, None] * k_t[..., :, None] * error[..., None, :]
+            outputs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t))
+        return torch.stack(outputs, dim=1), S

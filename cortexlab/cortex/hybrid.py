@@ -1,0 +1,61 @@
+"""`HybridCortexBlock`: memory + sliding window, mixed by a learned gate, zero-initialised output.
+
+    m_t = sigmoid(w_m . x_t)                       per head, 0.5 at initialisation
+    y_t = W_out [ m_t GDN(x)_t + (1 - m_t) SWA(x)_t ]    W_out = 0 at initialisation
+
+so a freshly attached block adds exactly zero to the residual stream (the "ghost" start)
+and training fades the memory in. Without `use_hybrid` the block is GDN -> W_out alone.
+The block's state is the memory's ("S", "conv"), the window cache ("win_*") and "tokens",
+the count of real tokens it has read (a [B] int64 tensor).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CortexWrapConfig
+from .gdn import GatedDeltaNet
+from .window import empty_window, sliding_window_attention
+
+
+class HybridCortexBlock(nn.Module):
+    """One sidecar: x [B,T,d_model] (the decoder layer's normalised input) -> y [B,T,d_model]."""
+
+    def __init__(self, d_model: int, cfg: CortexWrapConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.num_heads, cfg.rank_fast
+        self.gdn = GatedDeltaNet(d_model, cfg)
+        self.mix_proj = nn.Linear(d_model, H) if cfg.use_hybrid else None
+        if self.mix_proj is not None:
+            nn.init.zeros_(self.mix_proj.weight)
+            nn.init.zeros_(self.mix_proj.bias)
+        self.out_proj = nn.Linear(H * D, d_model, bias=False)
+        nn.init.zeros_(self.out_proj.weight)
+
+    def forward(self, x, state: dict | None = None, token_mask: torch.Tensor | None = None):
+        """Returns (y [B,T,d_model], new state). `state` None starts a fresh sequence."""
+        self._check(x, state, token_mask)
+        state = state or {}
+        o, new_state, (q, k, v) = self.gdn(x, state, token_mask)
+        if self.mix_proj is not None:
+            B, _, H, D = q.shape
+            cache = {key: state[key] for key in ("win_k", "win_v", "win_valid")} if "win_k" in state \
+                else empty_window(B, H, D, self.cfg.window_size, q)
+            o_win, cache = sliding_window_attention(q, k, v, cache, token_mask, self.cfg.window_size)
+            m = torch.sigmoid(self.mix_proj(x))[..., None]
+            o = m * o + (1 - m) * o_win
+            new_state.update(cache)
+        read = x.shape[1] if token_mask is None else token_mask.sum(1)
+        tokens = state.get("tokens", torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
+        new_state["tokens"] = tokens + read
+        return self.out_proj(o.flatten(-2)), new_state
+
+    def _check(self, x, state, token_mask):
+        if x.dim() != 3:
+            raise ValueError(f"hidden states must be [B, T, d_model], got shape {tuple(x.shape)}")
+        if token_mask is not None and token_mask.shape != x.shape[:2]:
+            raise ValueError(f"token_mask must be [B, T] = {tuple(x.shape[:2])}, got {tuple(token_mask.shape)}")
+        if state and "S" in state and state["S"].shape[0] != x.shape[0]:
+            raise ValueError(f"memory state holds batch size {state['S'].shape[0]} but the input has "
+                             f"{x.shape[0]}; reset the session or keep the batch size")

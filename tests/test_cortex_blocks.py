@@ -1,0 +1,125 @@
+"""The sidecar's layers: decode = parallel, split calls = one call, v1 = v2, padding, ghost, errors."""
+import pytest
+import torch
+
+from cortexlab.cortex.config import CortexWrapConfig
+from cortexlab.cortex.gdn import CortexBlock, forget_gate_log
+from cortexlab.cortex.hybrid import HybridCortexBlock
+
+D_MODEL = 32
+
+
+def trained_block(cfg, seed=0):
+    """A block with every weight non-zero (as after training), so no path hides behind a zero."""
+    torch.manual_seed(seed)
+    block = HybridCortexBlock(D_MODEL, cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.3)
+    return block
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("use_hybrid", [True, False])
+def test_token_by_token_equals_parallel_across_the_window_boundary(use_hybrid):
+    cfg = CortexWrapConfig(rank_fast=16, num_heads=2, window_size=8, use_hybrid=use_hybrid, chunk_size=16)
+    block = trained_block(cfg)
+    x = torch.randn(2, 37, D_MODEL)  # 37 tokens: several windows, several chunks, a ragged end
+    y, state = block(x)
+    steps, step_state = [], None
+    for t in range(x.shape[1]):
+        y_t, step_state = block(x[:, t:t + 1], step_state)
+        steps.append(y_t)
+    assert y.abs().max() > 1  # the sidecar is really contributing
+    assert max_diff(torch.cat(steps, 1), y) <= 1e-4
+    for key in state:
+        assert max_diff(step_state[key].float(), state[key].float()) <= 1e-5, key
+
+
+def test_two_calls_equal_one_call_over_the_concatenation():
+    block = trained_block(CortexWrapConfig(rank_fast=16, num_heads=2, window_size=8))
+    x = torch.randn(1, 50, D_MODEL)
+    y, state = block(x)
+    y1, s1 = block(x[:, :23])
+    y2, s2 = block(x[:, 23:], s1)
+    assert max_diff(torch.cat([y1, y2], 1), y) <= 1e-5
+    assert max_diff(s2["S"], state["S"]) <= 1e-5
+    assert s2["tokens"].tolist() == [50]
+
+
+def test_v1_sequential_block_equals_v2_memory_path():
+    cfg = CortexWrapConfig(rank_fast=16, num_heads=2)
+    v2 = trained_block(cfg).gdn
+    v1 = CortexBlock(D_MODEL, cfg)
+    v1.load_state_dict(v2.state_dict())
+    x = torch.randn(2, 70, D_MODEL)
+    o1, s1, _ = v1(x)
+    o2, s2, _ = v2(x)
+    assert max_diff(o1, o2) <= 1e-4
+    assert max_diff(s1["S"], s2["S"]) <= 1e-5
+
+
+def test_left_padding_is_invisible_to_the_memory():
+    block = trained_block(CortexWrapConfig(rank_fast=16, num_heads=2, window_size=8))
+    x = torch.randn(2, 30, D_MODEL)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, :7] = False
+    y, state = block(x, token_mask=mask)
+    y_alone, state_alone = block(x[1:, 7:])
+    assert max_diff(y[1, 7:], y_alone[0]) <= 1e-5
+    assert y[1, :7].abs().max() == 0
+    assert max_diff(state["S"][1], state_alone["S"][0]) <= 1e-6
+    assert state["tokens"].tolist() == [30, 23]
+
+
+def test_fresh_block_is_a_ghost_but_still_learns():
+    block = HybridCortexBlock(D_MODEL, CortexWrapConfig(rank_fast=16, num_heads=2))
+    y, _ = block(torch.randn(2, 10, D_MODEL))
+    assert y.abs().max() == 0
+    # zero output, yet a real loss gives the output projection a gradient: training can start
+    (y * torch.randn_like(y)).sum().backward()
+    assert block.out_proj.weight.grad.abs().max() > 0
+
+
+def test_forget_gates_start_where_documented():
+    log_cfg, sig_cfg = CortexWrapConfig(), CortexWrapConfig(forget_gate="sigmoid", alpha_max=0.99)
+    a_log = forget_gate_log(torch.tensor([log_cfg.forget_bias]), log_cfg).exp().item()
+    a_sig = forget_gate_log(torch.tensor([sig_cfg.forget_bias]), sig_cfg).exp().item()
+    assert a_log == pytest.approx(0.99909, abs=1e-5)           # half-life ~760 tokens
+    assert a_sig == pytest.approx(0.99 * 0.8808, abs=1e-4)      # the design's "bias hack"
+    capped = CortexWrapConfig(alpha_max=0.999)
+    assert forget_gate_log(torch.tensor([-50.0]), capped).exp().item() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rank_fast": 0}, "rank_fast"), ({"num_heads": 2.5}, "num_heads"), ({"window_size": -1}, "window_size"),
+    ({"alpha_max": 1.5}, "alpha_max"), ({"forget_gate": "tanh"}, "forget_gate"), ({"layers": []}, "layers"),
+    ({"layers": [1, 1]}, "duplicates"), ({"backend": "cuda"}, "backend"),
+    ({"forget_bias": float("nan")}, "forget_bias"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CortexWrapConfig(**kwargs)
+
+
+def test_config_json_round_trip_and_layer_range():
+    cfg = CortexWrapConfig(layers=[3, 1], forget_gate="sigmoid")
+    assert CortexWrapConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.layers == [1, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        cfg.layer_indices(2)
+
+
+def test_bad_block_inputs_name_the_problem():
+    block = trained_block(CortexWrapConfig(rank_fast=16, num_heads=2))
+    with pytest.raises(ValueError, match="B, T, d_model"):
+        block(torch.randn(5, D_MODEL))
+    with pytest.raises(ValueError, match="token_mask"):
+        block(torch.randn(1, 5, D_MODEL), token_mask=torch.ones(1, 4, dtype=torch.bool))
+    _, state = block(torch.randn(2, 5, D_MODEL))
+    with pytest.raises(ValueError, match="batch size"):
+        block(torch.randn(3, 5, D_MODEL), state)
