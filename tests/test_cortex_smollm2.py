@@ -50,3 +50,22 @@ def test_trained_sidecar_decodes_like_the_parallel_forward(smollm2, prompt):
             bare = model(out.sequences).logits[:, T - 1:-1]
     assert (steps - parallel).abs().max().item() <= 1e-4
     assert (parallel - bare).abs().max().item() > 0.1
+
+
+def test_load_with_cortex_restores_a_saved_adapter(tmp_path, prompt):
+    from cortexlab.cortex import load_qwen_with_cortex, load_with_cortex
+
+    cfg = CortexWrapConfig(layers=[3], rank_fast=16, num_heads=2)
+    first = load_with_cortex(cortex_cfg=cfg)
+    with torch.no_grad():
+        first.sidecars["3"].out_proj.weight.normal_(std=0.05)
+        expected = first(prompt).logits
+    first.save_cortex(tmp_path)
+    again = load_with_cortex(adapter=tmp_path)
+    assert again.config == cfg and again.tokenizer is not None
+    with torch.no_grad():
+        assert torch.equal(again(prompt).logits, expected)
+    with pytest.raises(ValueError, match="differs"):
+        load_with_cortex(cortex_cfg=CortexWrapConfig(), adapter=tmp_path)
+    with pytest.raises(FileNotFoundError, match="hf download"):
+        load_qwen_with_cortex("cortexlab-tests/no-such-model", cfg)
