@@ -23,6 +23,8 @@ class CortexWrapConfig:
     memory, mixed per head by a learned gate; the output projection starts at zero, so a
     freshly wrapped model is exactly the base model.
     `layers`: "all" or a list of decoder-layer indices that get a sidecar.
+    `controller`: the metacognitive controller (surprise and entropy steer writing,
+    forgetting and consolidation into a slow memory; neutral at initialisation).
     """
 
     rank_fast: int = 32
@@ -33,6 +35,7 @@ class CortexWrapConfig:
     use_hybrid: bool = True
     window_size: int = 128
     layers: str | list[int] = "all"
+    controller: bool = True
     conv_size: int = 4
     chunk_size: int = 64
     backend: str = "auto"
@@ -62,6 +65,8 @@ class CortexWrapConfig:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.controller, bool):
+            raise ValueError(f"controller must be True or False, got {self.controller!r}")
         if not (isinstance(self.norm_eps, float) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
 

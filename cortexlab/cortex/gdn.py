@@ -10,7 +10,8 @@ Per token x_t (the decoder layer's normalised input) and head h:
 
 A sequence runs through `cortexlab.ops.gated_delta_rule` (chunkwise parallel); a single
 token (decoding) through the O(D^2) recurrent step, so nothing grows with the context.
-State per layer: "S" [B, H, D, D] (fp32) and "conv" [B, K-1, 3HD], the conv's last inputs.
+State per layer: "S" [B, H, D, D] (fp32) and "conv" [B, K-1, 3HD], the conv's last inputs;
+with the metacognitive controller (controller.py) also "S_probe" and "S_slow".
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from cortexlab.ops import gated_delta_rule, gated_delta_step
 
 from .config import CortexWrapConfig
+from .controller import MetacognitiveController, recall_error
 
 
 def forget_gate_log(logits: torch.Tensor, cfg: CortexWrapConfig) -> torch.Tensor:
@@ -75,6 +77,7 @@ class GatedDeltaNet(nn.Module):
         nn.init.zeros_(self.beta_proj.bias)          # beta = 0.5 at the start
         nn.init.zeros_(self.gate_proj.weight)        # every token starts at the documented decay
         nn.init.constant_(self.gate_proj.bias, cfg.forget_bias)
+        self.controller = MetacognitiveController(H) if cfg.controller else None
 
     def features(self, x, conv_tail, token_mask):
         """q, k, v [B,T,H,D] after the short conv (q, k not yet normalised), and the new tail."""
@@ -84,13 +87,14 @@ class GatedDeltaNet(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)
         return q, k, v, tail
 
-    def gates(self, x, token_mask):
-        """g (log forget gate) and beta, [B,T,H]; a padded token gets g = 0, beta = 0 (no-op)."""
-        g = forget_gate_log(self.gate_proj(x), self.cfg)
-        beta = torch.sigmoid(self.beta_proj(x))
-        if token_mask is not None:
-            g, beta = g * token_mask[..., None], beta * token_mask[..., None]
-        return g, beta
+    def gates(self, x, token_mask, write=0.0, forget=0.0):
+        """g (log forget gate) and beta, [B,T,H]; a padded token gets g = 0, beta = 0 (no-op).
+
+        `write` and `forget` are the controller's offsets to the beta and gate logits.
+        """
+        g = forget_gate_log(self.gate_proj(x) + forget, self.cfg)
+        beta = torch.sigmoid(self.beta_proj(x) + write)
+        return _masked(g, token_mask), _masked(beta, token_mask)
 
     def memory(self, q, k, v, g, beta, S0):
         """The gated delta rule over the sequence; returns (o [B,T,H,D], final S fp32)."""
@@ -100,16 +104,44 @@ class GatedDeltaNet(nn.Module):
         return gated_delta_rule(q, k, v, g, beta, initial_state=S0, output_final_state=True,
                                 chunk_size=self.cfg.chunk_size, backend=self.cfg.backend)
 
-    def forward(self, x, state=None, token_mask=None):
-        """x [B,T,d_model] -> (o [B,T,H,D], new state, (q, k, v) pre-normalisation features)."""
+    def forward(self, x, state=None, token_mask=None, entropy=None):
+        """x [B,T,d_model] -> (o [B,T,H,D], new state, trace).
+
+        entropy: [B, T] predictive entropy for the controller (ignored without one).
+        trace: the pre-normalisation q, k, v, the gates g and beta actually used and, with a
+        controller, its signals ("surprise", "entropy") and the consolidation strength "beta_slow".
+        """
         state = state or {}
         q, k, v, tail = self.features(x, state.get("conv"), token_mask)
-        g, beta = self.gates(x, token_mask)
-        o, S = self.memory(F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6),
-                           v, g, beta, state.get("S"))
+        qn, kn = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        new_state, trace = {"conv": tail}, {"q": q, "k": k, "v": v}
+        if self.controller is None:
+            g, beta = self.gates(x, token_mask)
+            o, new_state["S"] = self.memory(qn, kn, v, g, beta, state.get("S"))
+        else:
+            ctrl = self.controller
+            g0, beta0 = self.gates(x, token_mask)
+            surprise, new_state["S_probe"] = recall_error(kn, v, g0, beta0, state.get("S_probe"), self.memory)
+            f = ctrl.signals(_masked(surprise, token_mask), entropy)
+            write, forget, consolidate = ctrl.modulations(f)
+            g, beta = self.gates(x, token_mask, write, forget)
+            o, new_state["S"] = self.memory(qn, kn, v, g, beta, state.get("S"))
+            beta_slow = beta * torch.sigmoid(consolidate)
+            g_slow = _masked(ctrl.slow_gate(g), token_mask)
+            o_slow, new_state["S_slow"] = self.memory(qn, kn, v, g_slow, beta_slow, state.get("S_slow"))
+            o = o + ctrl.slow_read[:, None] * o_slow
+            trace.update(surprise=f[..., 0], entropy=f[..., 1], beta_slow=beta_slow)
+        trace.update(g=g, beta=beta)
         gate = F.silu(self.out_gate_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
         o = self.out_norm(o.to(x.dtype)) * gate
-        return o, {"S": S, "conv": tail}, (q, k, v)
+        return o, new_state, trace
+
+
+def _masked(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero a [B, T, ...] per-token quantity at padded tokens."""
+    if token_mask is None:
+        return x
+    return x * token_mask.view(*token_mask.shape, *([1] * (x.dim() - 2)))
 
 
 class CortexBlock(GatedDeltaNet):

@@ -33,11 +33,16 @@ class HybridCortexBlock(nn.Module):
         self.out_proj = nn.Linear(H * D, d_model, bias=False)
         nn.init.zeros_(self.out_proj.weight)
 
-    def forward(self, x, state: dict | None = None, token_mask: torch.Tensor | None = None):
-        """Returns (y [B,T,d_model], new state). `state` None starts a fresh sequence."""
+    def forward(self, x, state: dict | None = None, token_mask: torch.Tensor | None = None,
+                entropy: torch.Tensor | None = None):
+        """Returns (y [B,T,d_model], new state). `state` None starts a fresh sequence.
+
+        entropy: [B, T] signal for the memory's controller (see controller.py), if it has one.
+        """
         self._check(x, state, token_mask)
         state = state or {}
-        o, new_state, (q, k, v) = self.gdn(x, state, token_mask)
+        o, new_state, trace = self.gdn(x, state, token_mask, entropy)
+        q, k, v = trace["q"], trace["k"], trace["v"]
         if self.mix_proj is not None:
             B, _, H, D = q.shape
             cache = {key: state[key] for key in ("win_k", "win_v", "win_valid")} if "win_k" in state \

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CortexWrapConfig
+from .controller import predictive_entropy
 from .hybrid import HybridCortexBlock
 from .session import SessionStore
 
@@ -79,6 +80,14 @@ class CortexModel(nn.Module):
         self._local = threading.local()
         self._hooks = [layers[i].self_attn.register_forward_hook(self._make_hook(i), with_kwargs=True)
                        for i in self.layer_ids]
+        if cfg.controller:  # the controller's entropy signal reads the residual stream entering the layer
+            self._final_norm = getattr(base.get_decoder(), "norm", None)
+            self._lm_head = base.get_output_embeddings()
+            if self._final_norm is None or self._lm_head is None:
+                raise TypeError(f"{type(base).__name__} exposes no final norm / output head for the "
+                                "controller's entropy signal; use CortexWrapConfig(controller=False)")
+            self._hooks += [layers[i].register_forward_pre_hook(self._make_residual_hook(i), with_kwargs=True)
+                            for i in self.layer_ids]
         self._hooks.append(base.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         base._cortex_attached = True
 
@@ -96,6 +105,12 @@ class CortexModel(nn.Module):
         mask = kwargs.get("attention_mask")
         self._local.mask = mask.bool() if mask is not None and mask.dim() == 2 and not mask.all() else None
 
+    def _make_residual_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            if not getattr(self._local, "disabled", False):
+                self._local.residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
+
     def _make_hook(self, idx: int):
         def hook(module, args, kwargs, output):
             if getattr(self._local, "disabled", False):
@@ -105,7 +120,11 @@ class CortexModel(nn.Module):
             mask = getattr(self._local, "mask", None)
             token_mask = None if mask is None else mask[:, mask.shape[1] - hidden.shape[1]:]
             block = self.sidecars[str(idx)]
-            y, new_state = block(hidden.float(), None if memory is None else memory.get(idx), token_mask)
+            entropy = None
+            if self.config.controller:
+                entropy = predictive_entropy(self._local.residual, self._final_norm, self._lm_head)
+                self._local.residual = None
+            y, new_state = block(hidden.float(), None if memory is None else memory.get(idx), token_mask, entropy)
             if memory is not None:
                 memory[idx] = new_state
             return (output[0] + y.to(output[0].dtype),) + tuple(output[1:])
