@@ -220,3 +220,15 @@ def test_bad_inputs_are_refused_before_any_state_changes(tmp_path):
     assert (tmp_path / "broken.safetensors").read_bytes() == b"not a safetensors file"
     with torch.no_grad():
         model(x, session_id="good")
+
+
+def test_recording_collects_one_trace_per_layer_and_call():
+    model = wrapped()
+    x = ids(B=1, T=12)
+    with torch.no_grad(), model.recording() as traces:
+        model.generate(x, max_new_tokens=3, do_sample=False)
+    assert sorted(traces) == [0, 1]
+    calls = traces[0]
+    assert [c["beta"].shape[1] for c in calls] == [12, 1, 1]          # the prompt, then one per decode step
+    assert {"surprise", "entropy", "beta_slow", "g", "mix"} <= set(calls[0])
+    assert ((calls[0]["entropy"] >= 0) & (calls[0]["entropy"] <= 1)).all()

@@ -34,10 +34,12 @@ class HybridCortexBlock(nn.Module):
         nn.init.zeros_(self.out_proj.weight)
 
     def forward(self, x, state: dict | None = None, token_mask: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None):
-        """Returns (y [B,T,d_model], new state). `state` None starts a fresh sequence.
+                entropy: torch.Tensor | None = None, return_trace: bool = False):
+        """Returns (y [B,T,d_model], new state), plus the memory's trace if `return_trace`.
 
-        entropy: [B, T] signal for the memory's controller (see controller.py), if it has one.
+        `state` None starts a fresh sequence. entropy: [B, T] signal for the memory's
+        controller (see controller.py), if it has one. The trace (see `GatedDeltaNet.forward`)
+        gains "mix", the per-head weight of the memory against the window.
         """
         self._check(x, state, token_mask)
         state = state or {}
@@ -51,10 +53,12 @@ class HybridCortexBlock(nn.Module):
             m = torch.sigmoid(self.mix_proj(x))[..., None]
             o = m * o + (1 - m) * o_win
             new_state.update(cache)
+            trace["mix"] = m[..., 0]
         read = x.shape[1] if token_mask is None else token_mask.sum(1)
         tokens = state.get("tokens", torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
         new_state["tokens"] = tokens + read
-        return self.out_proj(o.flatten(-2)), new_state
+        y = self.out_proj(o.flatten(-2))
+        return (y, new_state, trace) if return_trace else (y, new_state)
 
     def _check(self, x, state, token_mask):
         if x.dim() != 3:

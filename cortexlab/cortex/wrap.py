@@ -124,11 +124,28 @@ class CortexModel(nn.Module):
             if self.config.controller:
                 entropy = predictive_entropy(self._local.residual, self._final_norm, self._lm_head)
                 self._local.residual = None
-            y, new_state = block(hidden.float(), None if memory is None else memory.get(idx), token_mask, entropy)
+            traces = getattr(self._local, "traces", None)
+            y, new_state, trace = block(hidden.float(), None if memory is None else memory.get(idx), token_mask,
+                                        entropy, return_trace=True)
             if memory is not None:
                 memory[idx] = new_state
+            if traces is not None:
+                traces.setdefault(idx, []).append({name: t.detach() for name, t in trace.items()})
             return (output[0] + y.to(output[0].dtype),) + tuple(output[1:])
         return hook
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect each sidecar's per-token trace (gates, controller signals, q/k/v) in this thread.
+
+        Yields {layer: [trace of each forward call, in order]}; see `GatedDeltaNet.forward`.
+        """
+        previous = getattr(self._local, "traces", None)
+        self._local.traces = traces = {}
+        try:
+            yield traces
+        finally:
+            self._local.traces = previous
 
     @contextlib.contextmanager
     def disabled(self):
