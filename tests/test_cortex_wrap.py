@@ -232,3 +232,14 @@ def test_recording_collects_one_trace_per_layer_and_call():
     assert [c["beta"].shape[1] for c in calls] == [12, 1, 1]          # the prompt, then one per decode step
     assert {"surprise", "entropy", "beta_slow", "g", "mix"} <= set(calls[0])
     assert ((calls[0]["entropy"] >= 0) & (calls[0]["entropy"] <= 1)).all()
+
+
+def test_one_entropy_reading_is_shared_by_every_controller():
+    model = wrapped(cfg=CortexWrapConfig(rank_fast=8, num_heads=2, window_size=8, entropy_layer=0))
+    with torch.no_grad(), model.recording() as traces:
+        model(ids(B=1, T=20))
+    assert torch.equal(traces[0][0]["entropy"], traces[1][0]["entropy"])
+    with pytest.raises(ValueError, match="entropy_layer"):
+        attach_cortex(tiny_model("qwen2"), CortexWrapConfig(layers=[0], entropy_layer=1))
+    with pytest.raises(ValueError, match="entropy_layer"):
+        CortexWrapConfig(entropy_layer=-1)

@@ -25,6 +25,9 @@ class CortexWrapConfig:
     `layers`: "all" or a list of decoder-layer indices that get a sidecar.
     `controller`: the metacognitive controller (surprise and entropy steer writing,
     forgetting and consolidation into a slow memory; neutral at initialisation).
+    `entropy_layer`: where the controller reads the base model's predictive entropy (logit
+    lens on the residual stream entering that layer, once per forward); None: the first
+    layer with a sidecar. It may not come after the first sidecar.
     """
 
     rank_fast: int = 32
@@ -36,6 +39,7 @@ class CortexWrapConfig:
     window_size: int = 128
     layers: str | list[int] = "all"
     controller: bool = True
+    entropy_layer: int | None = None
     conv_size: int = 4
     chunk_size: int = 64
     backend: str = "auto"
@@ -65,6 +69,9 @@ class CortexWrapConfig:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.entropy_layer is not None and (not isinstance(self.entropy_layer, int)
+                                               or isinstance(self.entropy_layer, bool) or self.entropy_layer < 0):
+            raise ValueError(f"entropy_layer must be None or a non-negative int, got {self.entropy_layer!r}")
         if not isinstance(self.controller, bool):
             raise ValueError(f"controller must be True or False, got {self.controller!r}")
         if not (isinstance(self.norm_eps, float) and self.norm_eps > 0):

@@ -8,9 +8,10 @@ Two causal signals per token t (and head h):
 P is a *probe* memory: the sidecar's memory run with the unmodulated gates (one extra
 gated-delta-rule pass, so the signal stays parallel over the sequence; modulating the
 gates with the modulated memory's own error would make the recurrence non-linear). The
-entropy is read through the "logit lens" at the sidecar's layer: the base model's final
-norm and output head applied to the residual stream r_t entering the layer (no gradient;
-the base is frozen). With f_t = [e_t, u_t] and per-head weights (all zero at the start):
+entropy is read through the "logit lens": the base model's final norm and output head
+applied to the residual stream r_t entering one layer (`CortexWrapConfig.entropy_layer`,
+by default the first with a sidecar), once per forward and shared by every sidecar (no
+gradient; the base is frozen). With f_t = [e_t, u_t] and per-head weights (all zero at the start):
 
     beta_t   = sigmoid(w_b.x_t + c_write . f_t)                  write strength
     g_t      = gate(w_a.x_t + b + c_forget . f_t)                forgetting

@@ -80,14 +80,23 @@ class CortexModel(nn.Module):
         self._local = threading.local()
         self._hooks = [layers[i].self_attn.register_forward_hook(self._make_hook(i), with_kwargs=True)
                        for i in self.layer_ids]
-        if cfg.controller:  # the controller's entropy signal reads the residual stream entering the layer
+        if cfg.controller:
+            # the controller's entropy signal: the logit lens on the residual stream entering one
+            # layer, computed once per forward and shared by every sidecar (the output head is the
+            # most expensive matmul of a small model; reading it per sidecar would dominate the cost)
+            self.entropy_layer = self.layer_ids[0] if cfg.entropy_layer is None else cfg.entropy_layer
+            if self.entropy_layer > self.layer_ids[0]:
+                raise ValueError(f"entropy_layer={self.entropy_layer} must not come after the first sidecar "
+                                 f"(layer {self.layer_ids[0]}): every controller needs the signal in the same forward")
+            if self.entropy_layer >= len(layers):
+                raise ValueError(f"entropy_layer={self.entropy_layer} out of range for {len(layers)} decoder layers")
             self._final_norm = getattr(base.get_decoder(), "norm", None)
             self._lm_head = base.get_output_embeddings()
             if self._final_norm is None or self._lm_head is None:
                 raise TypeError(f"{type(base).__name__} exposes no final norm / output head for the "
                                 "controller's entropy signal; use CortexWrapConfig(controller=False)")
-            self._hooks += [layers[i].register_forward_pre_hook(self._make_residual_hook(i), with_kwargs=True)
-                            for i in self.layer_ids]
+            self._hooks.append(layers[self.entropy_layer].register_forward_pre_hook(self._read_entropy,
+                                                                                     with_kwargs=True))
         self._hooks.append(base.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         base._cortex_attached = True
 
@@ -105,11 +114,11 @@ class CortexModel(nn.Module):
         mask = kwargs.get("attention_mask")
         self._local.mask = mask.bool() if mask is not None and mask.dim() == 2 and not mask.all() else None
 
-    def _make_residual_hook(self, idx: int):
-        def hook(module, args, kwargs):
-            if not getattr(self._local, "disabled", False):
-                self._local.residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return hook
+    def _read_entropy(self, module, args, kwargs):
+        """Predictive entropy of the residual stream entering `entropy_layer` (see controller.py)."""
+        if not getattr(self._local, "disabled", False):
+            residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._local.entropy = predictive_entropy(residual, self._final_norm, self._lm_head)
 
     def _make_hook(self, idx: int):
         def hook(module, args, kwargs, output):
@@ -120,10 +129,7 @@ class CortexModel(nn.Module):
             mask = getattr(self._local, "mask", None)
             token_mask = None if mask is None else mask[:, mask.shape[1] - hidden.shape[1]:]
             block = self.sidecars[str(idx)]
-            entropy = None
-            if self.config.controller:
-                entropy = predictive_entropy(self._local.residual, self._final_norm, self._lm_head)
-                self._local.residual = None
+            entropy = getattr(self._local, "entropy", None) if self.config.controller else None
             traces = getattr(self._local, "traces", None)
             y, new_state, trace = block(hidden.float(), None if memory is None else memory.get(idx), token_mask,
                                         entropy, return_trace=True)
@@ -168,6 +174,7 @@ class CortexModel(nn.Module):
         finally:
             self._local.memory = None
             self._local.mask = None
+            self._local.entropy = None
 
     @contextlib.contextmanager
     def _session(self, session_id: str | None, reset: bool, memory: dict | None):

@@ -1,0 +1,60 @@
+"""cortexlab.eval.controller on a tiny wrapped model: event texts, traces, contrasts."""
+import pytest
+import torch
+
+from cortexlab.cortex import CortexWrapConfig, attach_cortex
+from cortexlab.eval import controller as ec
+from cortexlab.models import tiny_model
+from cortexlab.viz import controller as viz
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for the tiny models (vocab 256)."""
+
+    def __call__(self, text):
+        return type("Encoded", (), {"input_ids": list(text.encode("utf-8"))})()
+
+
+def test_text_with_events_places_every_event_where_it_says():
+    tok = ByteTokenizer()
+    text = ec.text_with_events(tok, max_tokens=3000, every=2)
+    ids = text.input_ids[0].tolist()
+    assert len(ids) <= 3000 and len(text.spans) >= 2
+    for n, (start, end) in enumerate(text.spans):
+        assert bytes(ids[start:end]).decode() == ec.DEFAULT_EVENTS[n % len(ec.DEFAULT_EVENTS)]
+    with pytest.raises(ValueError, match="every"):
+        ec.text_with_events(tok, every=0)
+
+
+def test_signal_trace_matches_the_forward_and_contrast_is_computed():
+    model = attach_cortex(tiny_model("llama"), CortexWrapConfig(rank_fast=8, num_heads=2, layers=[1]))
+    text = ec.text_with_events(ByteTokenizer(), max_tokens=400, every=1)
+    trace = ec.signal_trace(model, text.input_ids, 1)
+    T = text.input_ids.shape[1]
+    assert all(v.shape == (T,) for v in trace.values())
+    assert ((trace["decay"] > 0.99) & (trace["decay"] <= 1)).all()       # the documented start, a ~ 0.999
+    assert ((trace["entropy"] >= 0) & (trace["entropy"] <= 1)).all()
+    contrast = ec.event_contrast(trace["surprise"], text.spans)
+    assert contrast["ratio"] == pytest.approx(contrast["events"] / contrast["rest"])
+    with pytest.raises(ValueError, match="no sidecar"):
+        ec.signal_trace(model, text.input_ids, 0)
+    fig = viz.signals_figure(trace, text.spans)
+    assert len(fig.data) == 4
+
+
+def test_layer_sweep_leaves_the_base_untouched():
+    base = tiny_model("qwen2")
+    x = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        before = base(x).logits
+    text = ec.text_with_events(ByteTokenizer(), max_tokens=300, every=1)
+    rows = ec.layer_sweep(base, text, [0, 1], rank_fast=8, num_heads=2)
+    assert [r["layer"] for r in rows] == [0, 1] and "entropy_ratio" in rows[0]
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, before)
+    assert len(viz.layer_sweep_figure(rows).data) == 2
+
+
+def test_event_contrast_rejects_degenerate_spans():
+    with pytest.raises(ValueError, match="spans"):
+        ec.event_contrast(torch.ones(5), [])
