@@ -5,11 +5,9 @@
     python benchmarks/bench_decode.py --history 1024 8192 --out results/other.json
     python benchmarks/bench_decode.py --cortex-config '{"controller": false}'   # sidecars without the controller
 
-Length of the default run on the 2-core CPU, 1 thread: 8-12 minutes (depending on the
-machine's load) for sidecars without the memory controller, most of it feeding the 32k
-history (32 wrapped forwards of 1024 tokens) and the prefill rounds. With the controller
-(its logit-lens entropy runs the base's output head at every sidecar layer) a wrapped
-forward costs an order of magnitude more, and so does the run: shorten --history then.
+Length of the default run on the 2-core CPU, 1 thread: about 10-15 minutes (depending on
+the machine's load), most of it feeding the 32k history (32 wrapped forwards of 1024
+tokens) and the prefill rounds; shorten --history for a quicker look.
 
 Model: the bundled SmolLM2-135M-Instruct (fp32), sidecars on all 30 layers with the
 default CortexWrapConfig (--cortex-config '{"field": value}' overrides fields; as attached:
@@ -44,8 +42,8 @@ library's own sources, tokenised with SmolLM2's tokenizer.
    rest (hooks, wrapper); one HybridCortexBlock is timed in parts (projections, the gated
    delta rule and its input checks, window attention, output) at the prefill length and
    at one token, and the parts' shares are applied to the sidecars' time. With a memory
-   controller in the config, its entropy read-out (computed in each sidecar's hook, so
-   part of "rest") is timed on its own as well.
+   controller in the config, its entropy read-out (the output head applied once per forward
+   at `entropy_layer`, so part of "rest") is timed on its own as well.
 
 Every number, the plan, versions, git revision, threads and this command go to --out.
 GPU numbers are not part of the default run (--device cuda exists but the CPU run is
@@ -255,15 +253,13 @@ def profile_phase(wrapped, snapshots, plan, threads, log) -> dict:
 
 
 def lens_reference(wrapped, T, plan, threads, log) -> dict | None:
-    """With a memory controller in the config: the cost of the entropy signal it reads in each
-    sidecar's hook (the base's final norm + output head + entropy on the layer's tokens),
-    which `sidecars_call` does not include. None without a controller."""
-    if not getattr(wrapped.config, "controller", False):
+    """With a memory controller in the config: the cost of its entropy signal, read once per
+    forward (the base's final norm + output head + entropy on the forward's tokens), which
+    `sidecars_call` does not include. None without a controller."""
+    if not wrapped.config.controller:
         return None
-    try:
-        from cortexlab.cortex.controller import predictive_entropy
-    except ImportError:
-        return None
+    from cortexlab.cortex.controller import predictive_entropy
+
     norm, head = wrapped.base.get_decoder().norm, wrapped.base.get_output_embeddings()
     d_model = wrapped.base.config.hidden_size
     log(f"[profile] the controller's entropy read-out (final norm + output head + entropy), T={T} and T=1 ...")
@@ -368,7 +364,7 @@ def summarise(history, decode, prefill, profile, n_layers) -> dict:
             att["part_share_of_block"] = {k: v / p["block_s"] for k, v in parts.items()}
             att["part_estimated_s"] = {k: alone * v / p["block_s"] for k, v in parts.items()}
             if profile.get("entropy_lens"):
-                att["entropy_lens_x_n_layers_s"] = n_layers * profile["entropy_lens"][phase]["median_s"]
+                att["entropy_lens_s"] = profile["entropy_lens"][phase]["median_s"]  # once per forward
         attribution[phase] = att
     out["attribution"] = attribution
     return out
@@ -433,11 +429,10 @@ def print_report(plan, history, decode, prefill, profile, step_memory, summary, 
                         "other": "  (block minus the parts: work no part covers, or noise)"}.get(part, "")
                 log(f"      {part:<12} {fmt_s(share * p['block_s']):>10} {share:6.1%} -> "
                     f"{fmt_s(att['part_estimated_s'][part])}{note}")
-            if "entropy_lens_x_n_layers_s" in att:
+            if "entropy_lens_s" in att:
                 lens = profile["entropy_lens"][phase]
-                log(f"    the controller's entropy read-out in the hooks (not in the sidecars alone): "
-                    f"{fmt_s(lens['median_s'])} per layer at T={lens['T']}, x{n_layers} layers = "
-                    f"{fmt_s(att['entropy_lens_x_n_layers_s'])}")
+                log(f"    the controller's entropy read-out, once per forward (not in the sidecars alone): "
+                    f"{fmt_s(lens['median_s'])} at T={lens['T']}")
 
     log("\nRatios (same run; median-of-rounds ratio, then the per-round paired ratios' median [min-max]):")
     met = summary["targets_met"]

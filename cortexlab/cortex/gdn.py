@@ -125,10 +125,15 @@ class GatedDeltaNet(nn.Module):
             f = ctrl.signals(_masked(surprise, token_mask), entropy)
             write, forget, consolidate = ctrl.modulations(f)
             g, beta = self.gates(x, token_mask, write, forget)
-            o, new_state["S"] = self.memory(qn, kn, v, g, beta, state.get("S"))
             beta_slow = beta * torch.sigmoid(consolidate)
             g_slow = _masked(ctrl.slow_gate(g), token_mask)
-            o_slow, new_state["S_slow"] = self.memory(qn, kn, v, g_slow, beta_slow, state.get("S_slow"))
+            # the fast and the slow memory read the same q, k, v: one pass over 2H stacked heads
+            H = self.num_heads
+            S0 = torch.cat([state["S"], state["S_slow"]], dim=1) if "S" in state else None
+            both, S_both = self.memory(*(torch.cat([t, t], dim=2) for t in (qn, kn, v)),
+                                       torch.cat([g, g_slow], dim=2), torch.cat([beta, beta_slow], dim=2), S0)
+            o, o_slow = both.split(H, dim=2)
+            new_state["S"], new_state["S_slow"] = S_both.split(H, dim=1)
             o = o + ctrl.slow_read[:, None] * o_slow
             trace.update(surprise=f[..., 0], entropy=f[..., 1], beta_slow=beta_slow)
         trace.update(g=g, beta=beta)
