@@ -33,3 +33,16 @@ def make_inputs(B=2, T=65, H=3, Dk=16, Dv=8, *, decay=1.0, dtype=torch.float32, 
 @pytest.fixture
 def inputs():
     return make_inputs
+
+
+def trained_block(cfg, d_model=32, seed=0):
+    """A HybridCortexBlock with every matrix non-zero (as after training), so no path hides behind a zero."""
+    from cortexlab.cortex import HybridCortexBlock
+
+    torch.manual_seed(seed)
+    block = HybridCortexBlock(d_model, cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.3)
+    return block

@@ -1,6 +1,7 @@
 """The sidecar's layers: decode = parallel, split calls = one call, v1 = v2, padding, ghost, errors."""
 import pytest
 import torch
+from conftest import trained_block as _trained_block
 
 from cortexlab.cortex.config import CortexWrapConfig
 from cortexlab.cortex.gdn import CortexBlock, forget_gate_log
@@ -10,14 +11,7 @@ D_MODEL = 32
 
 
 def trained_block(cfg, seed=0):
-    """A block with every weight non-zero (as after training), so no path hides behind a zero."""
-    torch.manual_seed(seed)
-    block = HybridCortexBlock(D_MODEL, cfg)
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.dim() > 1:
-                p.normal_(std=0.3)
-    return block
+    return _trained_block(cfg, D_MODEL, seed)
 
 
 def max_diff(a, b):

@@ -5,7 +5,9 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from cortexlab.cortex import CortexWrapConfig, HybridCortexBlock, attach_cortex
+from cortexlab.cortex import CortexWrapConfig, attach_cortex
+from conftest import trained_block
+
 from cortexlab.eval import memory_trace as mt
 from cortexlab.models import tiny_model
 from cortexlab.ops import gated_delta_step
@@ -16,13 +18,7 @@ D_MODEL = 32
 
 def random_block(cfg, seed=0):
     """A block with every weight non-zero (as after training) and the config's gate bias."""
-    torch.manual_seed(seed)
-    block = HybridCortexBlock(D_MODEL, cfg)
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.dim() > 1:
-                p.normal_(std=0.3)
-    return block
+    return trained_block(cfg, D_MODEL, seed)
 
 
 @pytest.fixture
