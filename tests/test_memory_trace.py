@@ -4,10 +4,9 @@ import math
 import plotly.graph_objects as go
 import pytest
 import torch
-
-from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from conftest import trained_block
 
+from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.eval import memory_trace as mt
 from cortexlab.models import tiny_model
 from cortexlab.ops import gated_delta_step
