@@ -1,0 +1,296 @@
+"""Recall across calls: a pass key given in call 1, filler in calls 2..N-1, the question in call N.
+
+The base model's own context restarts at every call, so the only way to answer the
+question in call N is through a memory that outlives a call (a Cortex sidecar's state).
+One episode of N calls, each exactly `call_tokens` tokens long:
+
+    call 1       [filler ...][ The pass key is 40213. Remember it.][filler ...]   (fact at a random place)
+    calls 2..N-1 [filler ...]                                                     (real text only)
+    call N       [filler ...][ What is the pass key? The pass key is][ ][4][0][2][1][3]
+
+The *distance* of an episode is N - 1, the number of calls between the fact and the
+question (N = 1 puts fact and question in one call: the in-context reference). Labels are
+-100 everywhere except at the answer's digits, which are the last `key_digits` tokens of
+call N (SmolLM2 writes a number as a space token, then one token per digit, ids 32-41).
+
+Filler is real prose (`filler="stdlib"`, the default): the docstrings of the Python
+standard library's top-level modules. `filler="repeat"` is the classic pass-key filler
+instead (Mohtashami & Jaggi 2023: "The grass is green. The sky is blue. ..." repeated), an
+easy warm-up: repeated text is predictable, so a delta-rule memory hardly writes it.
+The modules are split by a hash of their file name into a training set and a held-out set
+(about 1 in 5), so the two splits never share a source file; the fact and question
+phrasings come from separate training and held-out template lists; and the random stream
+of each split is seeded with the split's name, so the same seed gives different episodes
+in the two splits. Everything is deterministic given (split, seed, num_calls, batch_size).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "RecallBatch", "RecallTask", "filler_files",
+    "filler_token_pool",
+]
+
+SPLITS = ("train", "heldout")
+FILLERS = ("stdlib", "repeat")
+REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+HELDOUT_EVERY = 5            # a stdlib module is held out when sha256(name) % 5 == 0
+MIN_DOCSTRING_CHARS = 80     # shorter docstrings are mostly one-liners ("Return x.")
+DEFAULT_MAX_CHARS = {"train": 600_000, "heldout": 200_000}
+
+FACT_TEMPLATES = {
+    "train": (
+        "The pass key is {key}. Remember it.",
+        "Remember this: the pass key is {key}.",
+        "Your pass key is {key}. Keep it safe.",
+        "Note that the pass key is {key}.",
+        "Important: the pass key is {key}.",
+        "The secret pass key is {key}. Do not forget it.",
+        "Here is the pass key: {key}.",
+        "Please keep in mind that the pass key is {key}.",
+    ),
+    "heldout": (
+        "Memorise the pass key {key} for later.",
+        "The pass key you will need is {key}.",
+        "For later reference, the pass key is {key}.",
+        "Keep this pass key in memory: {key}.",
+    ),
+}
+QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
+    "train": (
+        "What is the pass key? The pass key is",
+        "Question: what was the pass key? Answer:",
+        "Do you remember the pass key? It is",
+        "Recall the pass key. The pass key is",
+        "What pass key were you given? The pass key is",
+        "Tell me the pass key. It is",
+    ),
+    "heldout": (
+        "Which pass key did I give you? The pass key is",
+        "Please repeat the pass key. It was",
+        "What was the pass key mentioned earlier? Answer:",
+    ),
+}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def filler_files(split: str) -> list[Path]:
+    """The standard-library modules (`Lib/*.py`, top level) whose docstrings fill `split`, sorted.
+
+    A module belongs to "heldout" when the SHA-256 of its file name is divisible by 5,
+    else to "train": the two lists are disjoint and do not depend on the machine's order.
+    """
+    _check_split(split)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.is_file())
+    held = [int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0 for p in files]
+    return [p for p, h in zip(files, held) if h == (split == "heldout")]
+
+
+def _docstrings(path: Path) -> list[str]:
+    """Docstrings of the module, its classes and functions, whitespace collapsed, long ones only."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                found.append(" ".join(doc.split()))
+    return found
+
+
+_POOLS: dict[tuple, tuple[torch.Tensor, list[str]]] = {}
+
+
+def filler_token_pool(tokenizer, split: str, max_chars: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(token ids [n] int64, source file names) of the split's filler text, cached per tokenizer.
+
+    The split's modules are read in a fixed shuffled order (seeded with the split's name)
+    until `max_chars` characters of docstrings are collected; each docstring is tokenized
+    on its own, with a space in front, and the pieces are concatenated.
+    """
+    _check_split(split)
+    max_chars = DEFAULT_MAX_CHARS[split] if max_chars is None else max_chars
+    if not isinstance(max_chars, int) or max_chars < 1000:
+        raise ValueError(f"max_chars must be an int >= 1000, got {max_chars!r}")
+    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), split, max_chars)
+    if key not in _POOLS:
+        files = filler_files(split)
+        random.Random(f"cortexlab.recall.files/{split}").shuffle(files)
+        texts, used, chars = [], [], 0
+        for path in files:
+            docs = _docstrings(path)
+            if not docs:
+                continue
+            texts += docs
+            used.append(path.name)
+            chars += sum(map(len, docs))
+            if chars >= max_chars:
+                break
+        ids = [i for text in texts for i in tokenizer.encode(" " + text, add_special_tokens=False)]
+        _POOLS[key] = torch.tensor(ids, dtype=torch.int64), sorted(used)
+    return _POOLS[key]
+
+
+@dataclass
+class RecallBatch:
+    """A batch of recall episodes.
+
+    input_ids, labels: [B, N, T] (call c of example b is input_ids[b, c]); labels are -100
+    except at the answer digits, the last A tokens of the last call. answer: [B, A], those
+    digits' token ids. keys: the pass keys as strings.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    answer: torch.Tensor
+    keys: list[str]
+    split: str
+    seed: int
+
+    @property
+    def num_calls(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def distance(self) -> int:
+        """Calls between the fact (call 1) and the question (call N): N - 1."""
+        return self.num_calls - 1
+
+    def to(self, device) -> RecallBatch:
+        return RecallBatch(self.input_ids.to(device), self.labels.to(device), self.answer.to(device),
+                           self.keys, self.split, self.seed)
+
+
+class RecallTask:
+    """Generator of recall-across-calls episodes for one split (see the module docstring).
+
+    tokenizer: a Hugging Face tokenizer that writes each digit of a number as one token
+    (SmolLM2, Llama 3 and Qwen2 do); call_tokens: T, the length of every call; key_digits:
+    the pass key's length A; filler: "stdlib" (real text, split by source file) or
+    "repeat" (the classic repeated pass-key filler, the same for both splits);
+    max_filler_chars: how much docstring text to tokenize.
+    """
+
+    def __init__(self, tokenizer, split: str = "train", *, call_tokens: int = 48, key_digits: int = 5,
+                 filler: str = "stdlib", max_filler_chars: int | None = None):
+        _check_split(split)
+        if filler not in FILLERS:
+            raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
+        for name, value, low in (("call_tokens", call_tokens, 16), ("key_digits", key_digits, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if key_digits > 12:
+            raise ValueError(f"key_digits must be at most 12, got {key_digits}")
+        self.tokenizer, self.split = tokenizer, split
+        self.call_tokens, self.key_digits = call_tokens, key_digits
+        self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
+        self.filler = filler
+        if filler == "stdlib":
+            self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars)
+        else:
+            unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
+            self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
+        self.fact_templates = FACT_TEMPLATES[split]
+        self.question_templates = QUESTION_TEMPLATES[split]
+        longest_fact = max(len(self._encode(t.format(key="0" * key_digits))) for t in self.fact_templates)
+        longest_question = max(len(self._encode(t)) for t in self.question_templates)
+        self.answer_tokens = len(self.answer_prefix) + key_digits
+        if longest_fact > call_tokens or longest_question + self.answer_tokens > call_tokens:
+            raise ValueError(f"call_tokens={call_tokens} is too short: the longest fact takes {longest_fact} "
+                             f"tokens and the longest question + answer {longest_question + self.answer_tokens}")
+        if len(self.pool) < 4 * call_tokens:
+            raise ValueError(f"only {len(self.pool)} filler tokens for split {split!r}; raise max_filler_chars")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(" " + text, add_special_tokens=False)
+
+    @staticmethod
+    def _digit_tokens(tokenizer) -> tuple[list[int], list[int]]:
+        """Token id of each digit 0-9, and the tokens a number starts with after a space (e.g. [" "])."""
+        digits = []
+        for d in "0123456789":
+            ids = tokenizer.encode(d, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"the tokenizer writes the digit {d!r} as {len(ids)} tokens; the recall task "
+                                 "needs one token per digit")
+            digits.append(ids[0])
+        probe = "4071985623"
+        ids = tokenizer.encode(" " + probe, add_special_tokens=False)
+        expected = [digits[int(c)] for c in probe]
+        if ids[len(ids) - len(probe):] != expected:
+            raise ValueError(f"the tokenizer does not write ' {probe}' as one token per digit (got {ids}); "
+                             "the recall task needs one token per digit")
+        return digits, ids[:len(ids) - len(probe)]
+
+    def describe(self) -> dict:
+        """What the split is made of (for results files)."""
+        filler = "docstrings of Python stdlib top-level modules" if self.filler == "stdlib" else REPEAT_FILLER
+        return {"split": self.split, "call_tokens": self.call_tokens, "key_digits": self.key_digits,
+                "filler": filler, "filler_files": self.source_files,
+                "filler_tokens": len(self.pool), "fact_templates": list(self.fact_templates),
+                "question_templates": list(self.question_templates)}
+
+    def _filler(self, rng: random.Random, n: int) -> list[int]:
+        if n == 0:
+            return []
+        start = rng.randrange(len(self.pool) - n + 1)
+        return self.pool[start:start + n].tolist()
+
+    def example(self, num_calls: int, rng: random.Random) -> tuple[list[list[int]], str]:
+        """One episode: (N calls of T token ids, the pass key)."""
+        T = self.call_tokens
+        key = str(rng.randrange(10 ** self.key_digits)).zfill(self.key_digits)
+        fact = self._encode(rng.choice(self.fact_templates).format(key=key))
+        tail = self._encode(rng.choice(self.question_templates)) + self.answer_prefix
+        tail += [self.digit_ids[int(c)] for c in key]
+        if num_calls == 1:
+            free = T - len(fact) - len(tail)
+            if free < 0:
+                raise ValueError(f"call_tokens={T} cannot hold a fact and a question in one call (num_calls=1)")
+            before = rng.randint(0, free)
+            return [self._filler(rng, before) + fact + self._filler(rng, free - before) + tail], key
+        before = rng.randint(0, T - len(fact))
+        calls = [self._filler(rng, before) + fact + self._filler(rng, T - len(fact) - before)]
+        calls += [self._filler(rng, T) for _ in range(num_calls - 2)]
+        calls.append(self._filler(rng, T - len(tail)) + tail)
+        return calls, key
+
+    def filler_calls(self, count: int, seed: int) -> torch.Tensor:
+        """`count` calls of filler only, [count, T] token ids, determined by (split, seed, count)."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        rng = random.Random(f"cortexlab.recall.filler/{self.split}/{self.filler}/{seed}/{count}/{self.call_tokens}")
+        return torch.tensor([self._filler(rng, self.call_tokens) for _ in range(count)], dtype=torch.int64)
+
+    def batch(self, num_calls: int, batch_size: int, seed: int) -> RecallBatch:
+        """`batch_size` episodes of `num_calls` calls, determined by (split, seed, num_calls, batch_size)."""
+        for name, value in (("num_calls", num_calls), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        rng = random.Random(f"cortexlab.recall/{self.split}/{seed}/{num_calls}/{batch_size}/{self.call_tokens}"
+                            + ("" if self.filler == "stdlib" else f"/{self.filler}"))
+        episodes = [self.example(num_calls, rng) for _ in range(batch_size)]
+        input_ids = torch.tensor([calls for calls, _ in episodes], dtype=torch.int64)
+        keys = [key for _, key in episodes]
+        answer = torch.tensor([[self.digit_ids[int(c)] for c in key] for key in keys], dtype=torch.int64)
+        labels = torch.full_like(input_ids, -100)
+        labels[:, -1, self.call_tokens - self.key_digits:] = answer
+        return RecallBatch(input_ids, labels, answer, keys, self.split, seed)

@@ -1,0 +1,912 @@
+"""Training loops for Cortex sidecars (built on `accelerate`) and the recall-across-calls experiment.
+
+Recipe "recall" (`python -m cortexlab.train recall ...`): a frozen base model (the bundled
+SmolLM2-135M-Instruct) with one sidecar learns to carry a pass key across calls (see
+`cortexlab.data.recall`). One optimisation step is one batch of episodes of N calls:
+
+    memory = {}
+    for call c = 1..N:   out = model(call_c, memory=memory);  memory = out.memory
+    loss = cross-entropy of the answer digits in call N
+
+The memory is carried through all N calls *with* gradients (backprop through time over the
+whole episode; `bptt_calls=k` detaches it every k calls instead). Only the sidecars'
+parameters train (AdamW); the base model is frozen. N is drawn per step from a curriculum
+("0:2-3,0.5:2-4,0.75:2-8,0.9:2-16": 2-3 calls in the first half of the steps, then 2-4,
+2-8, 2-16), and the first `easy_fraction` of the steps uses shorter calls (less filler is
+written over the fact, so the memory's signal is stronger while the sidecar learns to use it).
+
+Cost: a call before the last one can only matter through the memory, so it runs the decoder
+only up to the sidecar's layer (`memory_only_depth`). With a single sidecar layer, what the
+sidecar reads in a call does not depend on the sidecar at all (the layers below it are
+frozen), so it is computed once (`sidecar_inputs`) and the memory advanced from it
+(`advance_memory`): filler calls come from a fixed pool whose inputs are computed before
+training, and the held-out set's are computed once for every sidecar evaluated on it.
+Both give exactly the memory of the plain forward (tested).
+
+Evaluation (`evaluate_recall` on a `RecallEvalSet`): teacher-forced exact match of the
+answer digits (all A argmax predictions right) and per-digit accuracy on held-out episodes
+vs distance in calls, for the trained sidecar and two baselines: "reset" (the sidecar with
+its memory reset before the question call) and "base" (the bare base model,
+`model.disabled()`). Chance: 10^-A exact match, 1/10 per digit.
+
+Recipe "recall-ablation": the controller ablation; trains the recipe with and without the
+metacognitive controller (same seed, data and steps) and also evaluates the controller-trained
+sidecar with its controller set back to neutral (`neutralise_controller_`).
+
+Checkpoints are safetensors + JSON (`save_cortex` for the sidecars, the optimizer state as
+tensors), written atomically, and `--resume` continues from the latest one with the same
+data stream (every batch is determined by the seed and the step).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from cortexlab.cortex import CortexWrapConfig, attach_cortex
+from cortexlab.cortex.controller import SLOW_DECAY_LOGIT, predictive_entropy
+from cortexlab.cortex.wrap import decoder_layers
+from cortexlab.data.recall import FILLERS, RecallBatch, RecallTask
+
+__all__ = [
+    "EVAL_SEED", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "episode_forward", "evaluate_recall",
+    "load_checkpoint", "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits",
+    "save_adapter", "save_checkpoint", "sidecar_inputs", "train_recall",
+]
+
+EVAL_SEED = 1_000_003       # held-out episodes use this seed base (training uses the run's seed + step)
+DEFAULT_DISTANCES = (0, 1, 2, 4, 8, 16)
+
+
+# ---------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class RecallTrainConfig:
+    """Everything that determines a recall training run (saved in its results file)."""
+
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    curriculum: str = "0:2-3,0.5:2-4,0.75:2-8,0.9:2-16"
+    bptt_calls: int = 0                  # 0: backprop through the whole episode
+    filler_pool: int = 256               # filler calls drawn from a pool whose sidecar inputs are computed once
+    easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
+    easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
+    easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
+    seed: int = 0
+    call_tokens: int = 48
+    key_digits: int = 5
+    # the sidecar (CortexWrapConfig fields)
+    layers: list[int] = field(default_factory=lambda: [12])
+    rank_fast: int = 64
+    num_heads: int = 4
+    controller: bool = True
+    use_hybrid: bool = False
+    # evaluation and bookkeeping
+    eval_distances: tuple[int, ...] = DEFAULT_DISTANCES
+    eval_examples: int = 64
+    eval_batch_size: int = 16
+    checkpoint_every: int = 50
+    log_every: int = 10                  # write <checkpoint_dir>/progress.json every this many steps
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "call_tokens", "key_digits", "eval_examples", "eval_batch_size",
+                     "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not (isinstance(self.easy_fraction, (int, float)) and 0 <= self.easy_fraction <= 1):
+            raise ValueError(f"easy_fraction must lie in [0, 1], got {self.easy_fraction!r}")
+        if not isinstance(self.easy_call_tokens, int) or self.easy_call_tokens < 16:
+            raise ValueError(f"easy_call_tokens must be an int >= 16, got {self.easy_call_tokens!r}")
+        if self.easy_filler not in FILLERS:
+            raise ValueError(f"easy_filler must be one of {FILLERS}, got {self.easy_filler!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+        self.eval_distances = tuple(self.eval_distances)
+        if not self.eval_distances or any(not isinstance(d, int) or d < 0 for d in self.eval_distances):
+            raise ValueError(f"eval_distances must be non-negative ints, got {self.eval_distances!r}")
+        parse_curriculum(self.curriculum)
+
+    def cortex_config(self) -> CortexWrapConfig:
+        return CortexWrapConfig(layers=list(self.layers), rank_fast=self.rank_fast, num_heads=self.num_heads,
+                                controller=self.controller, use_hybrid=self.use_hybrid)
+
+
+def parse_curriculum(spec: str) -> list[tuple[float, int, int]]:
+    """"0:2-4,0.5:2-8" -> [(0.0, 2, 4), (0.5, 2, 8)]: from fraction f of the steps, N in [lo, hi]."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"curriculum must be a string like '0:2-4,0.5:2-8', got {spec!r}")
+    stages = []
+    for part in spec.split(","):
+        try:
+            start, span = part.split(":")
+            lo, hi = span.split("-")
+            stage = (float(start), int(lo), int(hi))
+        except ValueError:
+            raise ValueError(f"curriculum stage {part!r} is not 'fraction:lo-hi' (e.g. '0.5:2-8')") from None
+        if not (0 <= stage[0] < 1 and 2 <= stage[1] <= stage[2]):
+            raise ValueError(f"curriculum stage {part!r}: need 0 <= fraction < 1 and 2 <= lo <= hi calls")
+        stages.append(stage)
+    if stages[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:])):
+        raise ValueError(f"curriculum {spec!r}: fractions must start at 0 and increase")
+    return stages
+
+
+def curriculum_calls(stages, step: int, steps: int, rng: random.Random) -> int:
+    """The number of calls N for `step` (0-based) of `steps`."""
+    lo, hi = next((lo, hi) for start, lo, hi in reversed(stages) if step >= start * steps)
+    return rng.randint(lo, hi)
+
+
+# ---------------------------------------------------------------------------------------
+# the forward pass through an episode
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)   # DDP / FSDP wrappers keep the CortexModel in .module
+
+
+@contextlib.contextmanager
+def memory_only_depth(model):
+    """Run only the decoder layers up to the last sidecar's inside this block.
+
+    The layers after it cannot change what the sidecars write to memory, so a call whose
+    output is not needed (a filler call) can skip them. The decoders of transformers
+    (Llama, Qwen2, Qwen3, Mistral, ...) loop over `layers[:config.num_hidden_layers]`; this
+    lowers that number for the duration of the block. The logits are meaningless inside.
+    """
+    cortex = _unwrap(model)
+    config = cortex.base.config
+    full = config.num_hidden_layers
+    config.num_hidden_layers = max(cortex.layer_ids) + 1
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = full
+
+
+def detach_memory(memory: dict) -> dict:
+    return {layer: {name: t.detach() for name, t in state.items()} for layer, state in memory.items()}
+
+
+def entropy_layer(model) -> int:
+    """The decoder layer whose input the controller's entropy signal reads (default: the first sidecar's)."""
+    cortex = _unwrap(model)
+    layer = getattr(cortex, "entropy_layer", None)
+    if layer is None:
+        layer = getattr(cortex.config, "entropy_layer", None)
+    return cortex.layer_ids[0] if layer is None else layer
+
+
+def single_sidecar_layer(model) -> int | None:
+    """The decoder layer of the model's only sidecar, or None when it has several."""
+    ids = _unwrap(model).layer_ids
+    return ids[0] if len(ids) == 1 else None
+
+
+@torch.no_grad()
+def sidecar_inputs(model, input_ids: torch.Tensor, *, entropy: bool | None = None) -> dict:
+    """What a model's single sidecar reads in one call: {"x": [B, T, d] fp32, "entropy": [B, T] or None}.
+
+    x is the sidecar layer's normalised input and entropy the controller's logit-lens signal
+    (read at `entropy_layer(model)`; computed when `entropy` is True; None: when the sidecar
+    has a controller). Neither
+    depends on the sidecar (the layers below it are frozen and carry no sidecar), so they
+    can be computed once and reused: `advance_memory(model, memory, features=...)` then
+    writes a call to memory without running the base model again. Only for models with
+    one sidecar layer (with several, the upper one's input depends on the lower one).
+    """
+    cortex = _unwrap(model)
+    idx = single_sidecar_layer(model)
+    if idx is None:
+        raise ValueError(f"sidecar_inputs needs a model with one sidecar layer, this one has {cortex.layer_ids}")
+    layers = decoder_layers(cortex.base)
+    want_entropy = cortex.config.controller if entropy is None else entropy
+    captured = {}
+
+    def grab(name):
+        def hook(module, args, kwargs):
+            captured[name] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
+
+    handles = [layers[idx].self_attn.register_forward_pre_hook(grab("x"), with_kwargs=True)]
+    if want_entropy:
+        handles.append(layers[entropy_layer(model)].register_forward_pre_hook(grab("residual"), with_kwargs=True))
+    try:
+        with cortex.disabled(), memory_only_depth(model):
+            cortex.base(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    u = None
+    if want_entropy:
+        base = cortex.base
+        u = predictive_entropy(captured["residual"], base.get_decoder().norm, base.get_output_embeddings())
+    return {"x": captured["x"].float(), "entropy": u}
+
+
+def advance_memory(model, memory: dict | None, *, input_ids: torch.Tensor | None = None,
+                   features: dict | None = None) -> dict:
+    """The memory after one more call: from its token ids (through the model, up to the last
+    sidecar's layer) or from precomputed `sidecar_inputs` features (the single sidecar only)."""
+    if features is None:
+        with memory_only_depth(model):
+            return model(input_ids, memory=memory, use_cache=False, logits_to_keep=1).memory
+    cortex = _unwrap(model)
+    idx = single_sidecar_layer(model)
+    if idx is None:
+        raise ValueError("features= needs a model with one sidecar layer; pass input_ids instead")
+    block = cortex.sidecars[str(idx)]
+    _, state = block(features["x"], (memory or {}).get(idx), None, features["entropy"])
+    return {idx: state}
+
+
+def question_logits(model, input_ids: torch.Tensor, memory: dict | None, answer_tokens: int,
+                    disabled: bool = False) -> torch.Tensor:
+    """Logits [B, A, V] predicting the last A tokens of the call `input_ids`, reading `memory`."""
+    cortex = _unwrap(model)
+    with cortex.disabled() if disabled else contextlib.nullcontext():
+        out = model(input_ids, memory=memory, use_cache=False, logits_to_keep=answer_tokens + 1)
+    return out.logits[:, :answer_tokens].float()
+
+
+def episode_forward(model, batch: RecallBatch, *, features: list | None = None, fast: bool | None = None,
+                    bptt_calls: int = 0, reset_before_question: bool = False, disabled: bool = False):
+    """Run the episodes' calls in order, carrying the memory; returns the answer logits [B, A, V].
+
+    The answer is the last A tokens of the last call; its logits are those of the A
+    positions before. features: precomputed `sidecar_inputs` for calls 1..N-1 (a list, None
+    entries are computed); fast: compute the missing ones with `sidecar_inputs` (default:
+    when the model has one sidecar layer) instead of through the model. Both give the same
+    memory. reset_before_question: start the last call from an empty memory (the "reset"
+    baseline; earlier calls are skipped). disabled: the bare base model, last call only (its
+    context restarts every call, so earlier calls cannot reach it). bptt_calls: detach the
+    memory every k calls (0: never).
+    """
+    A = batch.answer.shape[1]
+    memory = None
+    if not (disabled or reset_before_question):
+        fast = single_sidecar_layer(model) is not None if fast is None else fast
+        for c in range(batch.num_calls - 1):
+            feats = features[c] if features is not None else None
+            if feats is None and fast:
+                feats = sidecar_inputs(model, batch.input_ids[:, c])
+            memory = advance_memory(model, memory, input_ids=batch.input_ids[:, c], features=feats)
+            if bptt_calls and (c + 1) % bptt_calls == 0:
+                memory = detach_memory(memory)
+    return question_logits(model, batch.input_ids[:, -1], memory, A, disabled=disabled)
+
+
+def answer_metrics(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact match [B] bool, correct digits [B, A] bool) of the argmax predictions."""
+    correct = logits.argmax(-1) == answer
+    return correct.all(-1), correct
+
+
+def answer_loss(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), answer.flatten())
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+
+
+class RecallEvalSet:
+    """Held-out episodes for `evaluate_recall`, with the frozen base's work done once.
+
+    For each chunk of examples: one episode of D+1 calls (D = the largest distance; the
+    fact call, D-1 filler calls, the question call) serves every distance d >= 1: the
+    question call is asked after the first d calls. Distance 0 has its own one-call
+    episodes (fact and question in one call: the in-context reference). With a single
+    sidecar layer the sidecar inputs of calls 1..D are computed once here (with the
+    entropy signal, so sidecars with and without a controller can share the set) and any
+    sidecar attached to the same base model at that layer can be evaluated on it cheaply.
+    """
+
+    def __init__(self, model, task: RecallTask, *, distances=DEFAULT_DISTANCES, examples: int = 64,
+                 batch_size: int = 16, seed: int = EVAL_SEED, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        self.distances = sorted(set(int(d) for d in distances))
+        if not self.distances or self.distances[0] < 0:
+            raise ValueError(f"distances must be non-negative ints, got {distances!r}")
+        for name, value in (("examples", examples), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.task, self.examples, self.seed = task, examples, seed
+        self.layer = single_sidecar_layer(model)
+        self.entropy_layer = entropy_layer(model)
+        device = next(_unwrap(model).sidecars.parameters()).device
+        longest = self.distances[-1]
+        self.chunks = []
+        starts = list(range(0, examples, batch_size))
+        bar = tqdm(total=len(starts) * longest, desc="eval set: sidecar inputs", disable=not progress, leave=False)
+        for start in starts:
+            n = min(batch_size, examples - start)
+            chunk = {"single": task.batch(1, n, seed=seed + start).to(device) if 0 in self.distances else None,
+                     "episode": None, "features": None}
+            if longest >= 1:
+                chunk["episode"] = episode = task.batch(longest + 1, n, seed=seed + start).to(device)
+                if self.layer is not None:
+                    chunk["features"] = []
+                    for c in range(longest):
+                        chunk["features"].append(sidecar_inputs(model, episode.input_ids[:, c], entropy=True))
+                        bar.update()
+            self.chunks.append(chunk)
+        bar.close()
+
+    def describe(self) -> dict:
+        return {"split": self.task.split, "examples": self.examples, "seed": self.seed, "distances": self.distances,
+                "layout": "distance d >= 1: the question call is asked after the fact call and d-1 filler calls "
+                          "of one shared episode per example; distance 0: fact and question in one call"}
+
+
+@torch.no_grad()
+def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int = 64, batch_size: int = 16,
+                    seed: int = EVAL_SEED, variants=("sidecar", "reset", "base"), progress: bool = False) -> dict:
+    """Exact match and per-digit accuracy of the answer vs distance (calls between fact and question).
+
+    data: a `RecallEvalSet`, or a `RecallTask` to build one from (distances, examples,
+    batch_size, seed). Returns {variant: {str(distance): {"exact_match", "digit_accuracy",
+    "examples"}}} plus "chance". Variants: "sidecar" (memory carried through all calls),
+    "reset" (the sidecar with an empty memory at the question call), "base" (the bare base
+    model). For d >= 1 "reset" and "base" see only the question call, which is the same for
+    every distance, so their numbers repeat across distances by construction.
+    """
+    from tqdm.auto import tqdm
+
+    unknown = set(variants) - {"sidecar", "reset", "base"}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; expected 'sidecar', 'reset' or 'base'")
+    if isinstance(data, RecallTask):
+        data = RecallEvalSet(model, data, distances=distances, examples=examples, batch_size=batch_size, seed=seed,
+                             progress=progress)
+    elif not isinstance(data, RecallEvalSet):
+        raise TypeError(f"data must be a RecallEvalSet or RecallTask, got {type(data).__name__}")
+    cortex = _unwrap(model)
+    use_features = data.layer is not None and data.layer == single_sidecar_layer(model) and (
+        not cortex.config.controller or data.entropy_layer == entropy_layer(model))
+    was_training = cortex.training
+    cortex.eval()
+    A = data.task.key_digits
+    far = [d for d in data.distances if d >= 1]
+    tallies: dict = {}
+
+    def tally(variant, distance, logits, answer):
+        exact, digits = answer_metrics(logits, answer)
+        t = tallies.setdefault((variant, distance), [0, 0, 0])
+        t[0] += int(exact.sum())
+        t[1] += int(digits.sum())
+        t[2] += answer.shape[0]
+
+    for chunk in tqdm(data.chunks, desc="eval recall", disable=not progress, leave=False):
+        single, episode = chunk["single"], chunk["episode"]
+        if single is not None:   # one call: "sidecar" and "reset" are the same computation
+            logits = {}
+            for variant in variants:
+                key = "base" if variant == "base" else "memory"
+                if key not in logits:
+                    logits[key] = question_logits(model, single.input_ids[:, 0], None, A, disabled=key == "base")
+                tally(variant, 0, logits[key], single.answer)
+        if episode is None:
+            continue
+        question = episode.input_ids[:, -1]
+        if "sidecar" in variants:
+            memory = None
+            for c in range(far[-1]):
+                feats = chunk["features"][c] if use_features else None
+                memory = advance_memory(model, memory, input_ids=episode.input_ids[:, c], features=feats)
+                if c + 1 in far:
+                    tally("sidecar", c + 1, question_logits(model, question, memory, A), episode.answer)
+        for variant in {"reset", "base"} & set(variants):
+            logits = question_logits(model, question, None, A, disabled=variant == "base")
+            for d in far:
+                tally(variant, d, logits, episode.answer)
+    cortex.train(was_training)
+    results = {v: {} for v in variants}
+    for (variant, distance), (exact, digits, n) in sorted(tallies.items(), key=lambda kv: kv[0][1]):
+        results[variant][str(distance)] = {"exact_match": exact / n, "digit_accuracy": digits / (n * A),
+                                           "examples": n}
+    results["chance"] = {"exact_match": 10.0 ** -A, "digit_accuracy": 0.1}
+    return results
+
+
+def neutralise_controller_(model) -> int:
+    """Set every sidecar's metacognitive controller back to its neutral initial values, in place.
+
+    write / forget / consolidate weights -> 0, slow-memory read r_h -> 0 (and the
+    consolidation bias and slow decay to their initial values, which no longer matter once
+    the slow memory is unread). The sidecar then computes exactly what it computes without
+    a controller (the controller's own test), with the rest of its trained weights.
+    Returns the number of controllers changed.
+    """
+    changed = 0
+    for block in _unwrap(model).sidecars.values():
+        ctrl = block.gdn.controller
+        if ctrl is None:
+            continue
+        with torch.no_grad():
+            for p in (ctrl.write, ctrl.forget, ctrl.consolidate, ctrl.consolidate_bias, ctrl.slow_read):
+                p.zero_()
+            ctrl.slow_decay_logit.fill_(SLOW_DECAY_LOGIT)
+        changed += 1
+    return changed
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints (safetensors + JSON, atomic)
+
+
+def _fsync_dir_files(path: Path) -> None:
+    for file in filter(Path.is_file, path.iterdir()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model, path, card: dict | None = None) -> Path:
+    """`save_cortex` into `path` atomically (temp folder, fsync, rename), plus an optional card.json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _unwrap(model).save_cortex(tmp)
+        if card is not None:
+            (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        _fsync_dir_files(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save_checkpoint(directory, model, optimizer, step: int, state: dict, keep: int = 2) -> Path:
+    """Write `directory/step-XXXXXX/` (sidecars, optimizer tensors, trainer state) and point `latest` at it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
+    try:
+        _unwrap(model).save_cortex(tmp)
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in opt["state"].items()
+                   for name, t in s.items() if isinstance(t, torch.Tensor)}
+        save_file(tensors, tmp / "optimizer.safetensors")
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}))
+        _fsync_dir_files(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _clear_checkpoints(directory) -> None:
+    """Remove the checkpoints a previous run left in `directory` (a fresh run starts from step 0)."""
+    directory = Path(directory)
+    for old in directory.glob("step-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    (directory / "latest.json").unlink(missing_ok=True)
+
+
+def load_checkpoint(directory, model, optimizer) -> dict | None:
+    """Load the latest checkpoint in `directory` into model and optimizer; its trainer state, or None."""
+    pointer = Path(directory) / "latest.json"
+    if not pointer.is_file():
+        return None
+    target = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
+    _unwrap(model).load_cortex(target)
+    state = json.loads((target / "trainer_state.json").read_text())
+    tensors = load_file(target / "optimizer.safetensors")
+    opt_state: dict = {}
+    for key, t in tensors.items():
+        index, name = key.split(".", 1)
+        opt_state.setdefault(int(index), {})[name] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state.pop("param_groups")]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def git_revision() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return {"commit": rev, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment() -> dict:
+    import accelerate
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def _lr_at(step: int, cfg: RecallTrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoint_dir=None, resume: bool = False,
+                 progress: bool = True, accelerator=None, evaluate: bool = True) -> dict:
+    """Train a sidecar on recall across calls; returns a results dict (config, curve, eval, wall times).
+
+    model/tokenizer: a `CortexModel` and tokenizer to train (None: the bundled SmolLM2 with
+    `cfg.cortex_config()` attached, the sidecar initialised from `cfg.seed`). The trained
+    model is returned under "model" (not serialisable; pop it before saving the dict).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    if model is None:
+        from cortexlab.models import load_base_model
+
+        base, tokenizer = load_base_model()
+        torch.manual_seed(cfg.seed)
+        model = attach_cortex(base, cfg.cortex_config())
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    accelerator = accelerator or Accelerator()
+    train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
+    easy_steps = round(cfg.easy_fraction * cfg.steps)
+    easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
+                           filler=cfg.easy_filler) if easy_steps else None
+    heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stages = parse_curriculum(cfg.curriculum)
+    t0 = time.time()
+    show = progress and accelerator.is_main_process
+    pools = {"main": _filler_pool(model, train_task, cfg, accelerator.device, show) if easy_steps < cfg.steps
+             else None,
+             "easy": _filler_pool(model, easy_task, cfg, accelerator.device, show) if easy_steps else None}
+    pool_seconds = time.time() - t0
+
+    history, start_step, train_seconds = [], 0, 0.0
+    if checkpoint_dir is not None and not resume and accelerator.is_main_process:
+        _clear_checkpoints(checkpoint_dir)
+    if resume and checkpoint_dir is not None:
+        state = load_checkpoint(checkpoint_dir, model, optimizer)
+        if state is not None:
+            if state.get("config") != _jsonable(asdict(cfg)):
+                raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different config; "
+                                 "use another --checkpoint-dir or drop --resume")
+            start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+
+    model.train()
+    _unwrap(model).base.eval()   # the frozen base stays in eval mode (no dropout)
+    rank = accelerator.process_index
+    bar = tqdm(range(start_step, cfg.steps), desc=f"recall ctrl={cfg.controller}", initial=start_step,
+               total=cfg.steps, disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        t0 = time.time()
+        step_seed = cfg.seed * 1_000_000 + step * accelerator.num_processes + rank
+        calls = curriculum_calls(stages, step, cfg.steps, random.Random(f"curriculum/{cfg.seed}/{step}"))
+        stage = "easy" if step < easy_steps else "main"
+        task, pool = (easy_task if stage == "easy" else train_task), pools[stage]
+        batch = task.batch(calls, cfg.batch_size, seed=step_seed).to(accelerator.device)
+        features = None
+        if pool is not None and calls > 2:   # filler calls from the pool (the batch records which)
+            pick = torch.randint(len(pool["ids"]), (calls - 2, cfg.batch_size),
+                                 generator=torch.Generator().manual_seed(step_seed)).to(accelerator.device)
+            batch.input_ids[:, 1:-1] = pool["ids"][pick].transpose(0, 1)
+            features = [None] + [{"x": pool["x"][i], "entropy": None if pool["entropy"] is None else pool["entropy"][i]}
+                                 for i in pick]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls)
+        loss = answer_loss(logits, batch.answer)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+        optimizer.step()
+        exact, digits = answer_metrics(logits.detach(), batch.answer)
+        dt = time.time() - t0
+        train_seconds += dt
+        history.append({"step": step + 1, "calls": calls, "stage": stage, "loss": round(loss.item(), 5),
+                        "exact_match": exact.float().mean().item(), "digit_accuracy": digits.float().mean().item(),
+                        "grad_norm": None if grad_norm is None else round(float(grad_norm), 5),
+                        "lr": _lr_at(step, cfg), "seconds": round(dt, 3)})
+        bar.set_postfix(loss=f"{loss.item():.3f}", N=calls, em=f"{exact.float().mean().item():.2f}")
+        if checkpoint_dir is not None and accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
+            _write_json_atomic(Path(checkpoint_dir) / "progress.json", {"steps": cfg.steps, "history": history})
+        if checkpoint_dir is not None and accelerator.is_main_process and (
+                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, step + 1,
+                            {"config": _jsonable(asdict(cfg)), "history": history, "train_seconds": train_seconds})
+    bar.close()
+
+    result = {"config": _jsonable(asdict(cfg)), "cortex_config": json.loads(cfg.cortex_config().to_json()),
+              "train_seconds": round(train_seconds, 1), "steps_run": len(history),
+              "filler_pool_seconds": round(pool_seconds, 1),
+              "seeds": {"init": cfg.seed, "train_batches": "seed * 1e6 + step (split 'train')",
+                        "eval": EVAL_SEED},
+              "data": {"train": _short(train_task.describe()), "heldout": _short(heldout.describe()),
+                       "easy": None if easy_task is None else {**_short(easy_task.describe()), "steps": easy_steps}},
+              "history": history}
+    unwrapped = accelerator.unwrap_model(model)
+    if evaluate and accelerator.is_main_process:
+        t0 = time.time()
+        eval_set = RecallEvalSet(unwrapped, heldout, distances=cfg.eval_distances, examples=cfg.eval_examples,
+                                 batch_size=cfg.eval_batch_size, progress=progress)
+        result["eval"] = evaluate_recall(unwrapped, eval_set, progress=progress)
+        result["eval_set"] = eval_set.describe()
+        result["eval_seconds"] = round(time.time() - t0, 1)
+    result["wall_seconds"] = round(time.time() - t_start, 1)
+    result["model"] = unwrapped
+    result["tokenizer"] = tokenizer
+    return result
+
+
+def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool) -> dict | None:
+    """cfg.filler_pool filler calls and their sidecar inputs, computed once (None: no pool)."""
+    from tqdm.auto import tqdm
+
+    if not cfg.filler_pool or single_sidecar_layer(model) is None:
+        return None
+    ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed).to(device)
+    parts = [sidecar_inputs(model, ids[s:s + 16])
+             for s in tqdm(range(0, len(ids), 16), desc="filler pool", disable=not progress, leave=False)]
+    entropy = None if parts[0]["entropy"] is None else torch.cat([p["entropy"] for p in parts])
+    return {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
+
+
+def _short(desc: dict) -> dict:
+    """describe() with the file list kept (it is the disjointness evidence) but compact."""
+    return {**desc, "filler_files": desc["filler_files"]}
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=list))
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    d = RecallTrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--curriculum", default=d.curriculum)
+    p.add_argument("--bptt-calls", type=int, default=d.bptt_calls)
+    p.add_argument("--easy-fraction", type=float, default=d.easy_fraction,
+                   help="the first fraction of the steps uses easier episodes: shorter calls "
+                        "(--easy-call-tokens) and --easy-filler")
+    p.add_argument("--easy-call-tokens", type=int, default=d.easy_call_tokens)
+    p.add_argument("--easy-filler", choices=FILLERS, default=d.easy_filler)
+    p.add_argument("--filler-pool", type=int, default=d.filler_pool,
+                   help="filler calls come from a pool of this many (0: fresh filler every step)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--call-tokens", type=int, default=d.call_tokens)
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
+    p.add_argument("--rank", type=int, default=d.rank_fast)
+    p.add_argument("--heads", type=int, default=d.num_heads)
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=d.use_hybrid,
+                   help="add the sliding-window attention beside the memory (default off, as in the DESIGN probe)")
+    p.add_argument("--eval-distances", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.eval_distances)
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints go (default: <cortexlab cache>/runs/<name of --out>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _config_from(args, controller: bool) -> RecallTrainConfig:
+    return RecallTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, curriculum=args.curriculum,
+                             bptt_calls=args.bptt_calls, filler_pool=args.filler_pool,
+                             easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
+                             easy_filler=args.easy_filler, seed=args.seed,
+                             call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
+                             num_heads=args.heads, controller=controller, use_hybrid=args.hybrid,
+                             eval_distances=args.eval_distances, eval_examples=args.eval_examples,
+                             eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every)
+
+
+def _checkpoint_dir(args, name: str) -> Path:
+    if args.checkpoint_dir:
+        return Path(args.checkpoint_dir) / name
+    from cortexlab.models import cache_dir
+
+    return cache_dir() / "runs" / name
+
+
+def _card(result: dict, out: Path) -> dict:
+    return {"task": "recall across calls (cortexlab.data.recall)", "command": result["command"], "git": result["git"],
+            "seeds": result["seeds"], "config": result["config"], "eval": result.get("eval"),
+            "train_seconds": result["train_seconds"], "results_file": str(out)}
+
+
+def _run_one(args, controller: bool, out: Path, adapter: Path | None, command: str, evaluate: bool = True) -> dict:
+    """Train one variant; write its results JSON (and adapter + card.json); returns the results."""
+    cfg = _config_from(args, controller)
+    result = train_recall(cfg, checkpoint_dir=_checkpoint_dir(args, out.stem), resume=args.resume,
+                          progress=not args.no_progress, evaluate=evaluate)
+    model = result.pop("model")
+    result.pop("tokenizer")
+    result.update(command=command, git=git_revision(), environment=environment())
+    if adapter is not None:
+        save_adapter(model, adapter, _card(result, out))
+        result["adapter"] = {"path": str(adapter), "bytes": (adapter / "cortex.safetensors").stat().st_size}
+    _write_json_atomic(out, result)
+    return result
+
+
+def _exact_table(ev: dict) -> dict:
+    return {variant: {d: r["exact_match"] for d, r in per.items()}
+            for variant, per in ev.items() if variant != "chance"}
+
+
+def _ablation(args, command: str) -> dict:
+    """Train with and without the controller, then evaluate both (and the neutralised one) on one eval set."""
+    out = Path(args.out)
+    adapters = Path(args.adapters)
+    stem = out.stem.removesuffix("_ablation")
+    runs, files = {}, {}
+    for name, controller in (("noctrl", False), ("ctrl", True)):
+        files[name] = out.with_name(f"{stem}_{name}.json")
+        adapter = adapters / f"recall_{name}"
+        if args.reuse and files[name].is_file() and (adapter / "cortex.safetensors").is_file():
+            previous = json.loads(files[name].read_text())
+            if previous.get("config") == _jsonable(asdict(_config_from(args, controller))):
+                runs[name] = previous
+                continue
+        runs[name] = _run_one(args, controller, files[name], adapter, command, evaluate=False)
+
+    # one held-out eval set (the frozen base's work done once) for all three sidecars
+    from cortexlab.models import load_base_model
+
+    base, tokenizer = load_base_model()
+    cfg = _config_from(args, True)
+    heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
+    evals, eval_seconds, eval_set = {}, {}, None
+    for name in ("ctrl", "ctrl_neutralised", "noctrl"):
+        model = attach_cortex(base, _config_from(args, name != "noctrl").cortex_config())
+        model.load_cortex(adapters / f"recall_{name.removesuffix('_neutralised')}")
+        t0 = time.time()
+        if eval_set is None:
+            eval_set = RecallEvalSet(model, heldout, distances=cfg.eval_distances, examples=cfg.eval_examples,
+                                     batch_size=cfg.eval_batch_size, progress=not args.no_progress)
+            eval_seconds["eval_set"] = round(time.time() - t0, 1)
+            t0 = time.time()
+        if name == "ctrl_neutralised":
+            neutralise_controller_(model)
+        variants = ("sidecar", "reset", "base") if name == "ctrl" else ("sidecar", "reset")
+        evals[name] = evaluate_recall(model, eval_set, variants=variants, progress=not args.no_progress)
+        if name != "ctrl":   # the bare base model is the same for every sidecar: measured once
+            evals[name]["base"] = evals["ctrl"]["base"]
+        eval_seconds[name] = round(time.time() - t0, 1)
+        model.detach()
+    for name, run in runs.items():   # the per-run files and adapter cards get their evaluation
+        run["eval"], run["eval_seconds"] = evals[name], eval_seconds[name]
+        run["eval_set"] = eval_set.describe()
+        _write_json_atomic(files[name], run)
+        card = adapters / f"recall_{name}" / "card.json"
+        _write_json_atomic(card, _card(run, files[name]))
+
+    combined = {
+        "experiment": "controller ablation on recall across calls (frozen SmolLM2-135M-Instruct + one sidecar)",
+        "command": command, "git": git_revision(), "environment": environment(),
+        "config": {name: run["config"] for name, run in runs.items()},
+        "seeds": runs["ctrl"]["seeds"],
+        "metric": "teacher-forced exact match of all answer digits (argmax at each of the 5 positions) on held-out "
+                  "episodes (filler files, phrasings and seeds disjoint from training); distance = calls between "
+                  "the fact call and the question call; 'base' = bare SmolLM2, 'reset' = sidecar with its memory "
+                  "emptied before the question call (both see only the question call for distance >= 1)",
+        "eval_set": eval_set.describe(),
+        "exact_match": {"controller_trained": _exact_table(evals["ctrl"]),
+                        "no_controller_trained": _exact_table(evals["noctrl"]),
+                        "controller_trained_neutralised_at_test": _exact_table(evals["ctrl_neutralised"]),
+                        "chance": 10.0 ** -cfg.key_digits},
+        "eval": evals,
+        "train_seconds": {name: run["train_seconds"] for name, run in runs.items()},
+        "filler_pool_seconds": {name: run.get("filler_pool_seconds") for name, run in runs.items()},
+        "eval_seconds": eval_seconds,
+        "curves": {name: [{k: h[k] for k in ("step", "calls", "loss", "exact_match", "seconds")}
+                          for h in run["history"]] for name, run in runs.items()},
+        "adapters": {name: run.get("adapter") for name, run in runs.items()},
+        "runs": {name: str(f) for name, f in files.items()},
+    }
+    _write_json_atomic(out, combined)
+    return combined
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cortexlab.train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="recipe", required=True)
+    p = sub.add_parser("recall", help="train one sidecar on recall across calls and evaluate it")
+    p.add_argument("--controller", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--adapter", default=None, help="save the trained sidecar here (save_cortex + card.json)")
+    _add_common(p)
+    p = sub.add_parser("recall-ablation", help="the controller ablation: train with and without the controller")
+    p.add_argument("--out", required=True, help="combined results JSON")
+    p.add_argument("--adapters", default="results/adapters", help="folder for recall_ctrl/ and recall_noctrl/")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a variant's existing per-run results + adapter when its config matches")
+    _add_common(p)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m cortexlab.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.recipe == "recall":
+        out = Path(args.out)
+        result = _run_one(args, args.controller, out, Path(args.adapter) if args.adapter else None, command)
+        print(json.dumps({"out": str(out), "exact_match": _exact_table(result["eval"])}, indent=1))
+    else:
+        print(json.dumps(_ablation(args, command)["exact_match"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

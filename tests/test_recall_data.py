@@ -1,0 +1,87 @@
+"""The recall-across-calls data: layout, labels, determinism, disjoint train / held-out sources."""
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cortexlab.data import FACT_TEMPLATES, QUESTION_TEMPLATES, RecallTask, filler_files, filler_token_pool
+from cortexlab.models import default_model_path
+
+CHARS = 20_000   # a small filler pool keeps the tests fast
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def tasks(tokenizer):
+    return {split: RecallTask(tokenizer, split, max_filler_chars=CHARS) for split in ("train", "heldout")}
+
+
+def test_smollm2_digits_are_single_tokens_after_a_space(tasks):
+    task = tasks["train"]
+    assert task.digit_ids == list(range(32, 42))
+    assert len(task.answer_prefix) == 1 and task.tokenizer.decode(task.answer_prefix) == " "
+
+
+@pytest.mark.parametrize("num_calls", [1, 2, 5])
+def test_layout_and_labels_only_at_the_answer(tasks, num_calls):
+    task = tasks["train"]
+    batch = task.batch(num_calls, 4, seed=3)
+    B, N, T, A = 4, num_calls, task.call_tokens, task.key_digits
+    assert batch.input_ids.shape == batch.labels.shape == (B, N, T) and batch.answer.shape == (B, A)
+    assert batch.distance == N - 1
+    answer_mask = torch.zeros(B, N, T, dtype=torch.bool)
+    answer_mask[:, -1, T - A:] = True
+    assert (batch.labels[~answer_mask] == -100).all()
+    assert torch.equal(batch.labels[:, -1, T - A:], batch.answer)
+    assert torch.equal(batch.input_ids[:, -1, T - A:], batch.answer)   # teacher forcing: the answer is in the input
+    for b, key in enumerate(batch.keys):
+        assert len(key) == A and key.isdigit()
+        assert batch.answer[b].tolist() == [32 + int(c) for c in key]
+        texts = [task.tokenizer.decode(batch.input_ids[b, c]) for c in range(N)]
+        assert key in texts[0] and "pass key" in texts[0]                # the fact is in call 1
+        assert texts[-1].endswith(key) and "pass key" in texts[-1]       # the question ends call N
+        assert all("pass key" not in t for t in texts[1:-1])             # filler only in between
+
+
+def test_deterministic_and_seeded_per_split(tasks, tokenizer):
+    a = tasks["train"].batch(3, 4, seed=7)
+    again = RecallTask(tokenizer, "train", max_filler_chars=CHARS).batch(3, 4, seed=7)
+    assert torch.equal(a.input_ids, again.input_ids) and a.keys == again.keys
+    assert not torch.equal(a.input_ids, tasks["train"].batch(3, 4, seed=8).input_ids)
+    assert not torch.equal(a.input_ids, tasks["heldout"].batch(3, 4, seed=7).input_ids)
+    assert torch.equal(tasks["train"].filler_calls(5, seed=1), tasks["train"].filler_calls(5, seed=1))
+
+
+def test_train_and_heldout_sources_and_phrasings_are_disjoint(tasks, tokenizer):
+    train, held = filler_files("train"), filler_files("heldout")
+    assert train and held and not {p.name for p in train} & {p.name for p in held}
+    assert not set(tasks["train"].source_files) & set(tasks["heldout"].source_files)
+    assert set(tasks["heldout"].source_files) <= {p.name for p in held}
+    assert not set(FACT_TEMPLATES["train"]) & set(FACT_TEMPLATES["heldout"])
+    assert not set(QUESTION_TEMPLATES["train"]) & set(QUESTION_TEMPLATES["heldout"])
+    pool, files = filler_token_pool(tokenizer, "heldout", CHARS)
+    assert pool.dtype == torch.int64 and len(pool) > 1000 and files == tasks["heldout"].source_files
+
+
+def test_repeat_filler_is_the_classic_passkey_text(tokenizer):
+    task = RecallTask(tokenizer, "heldout", filler="repeat", call_tokens=32)
+    batch = task.batch(3, 2, seed=0)
+    assert "The grass is green." in tokenizer.decode(batch.input_ids[0, 1]) or \
+        "The sky is blue." in tokenizer.decode(batch.input_ids[0, 1])
+    assert task.source_files == [] and batch.input_ids.shape == (2, 3, 32)
+    with pytest.raises(ValueError, match="filler"):
+        RecallTask(tokenizer, "train", filler="lorem")
+
+
+def test_bad_arguments_raise_value_error(tokenizer, tasks):
+    with pytest.raises(ValueError, match="split"):
+        RecallTask(tokenizer, "test")
+    with pytest.raises(ValueError, match="call_tokens"):
+        RecallTask(tokenizer, "train", call_tokens=16, max_filler_chars=CHARS)
+    with pytest.raises(ValueError, match="num_calls"):
+        tasks["train"].batch(0, 2, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        tasks["train"].batch(2, 2, seed=1.5)

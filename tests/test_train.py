@@ -1,0 +1,197 @@
+"""cortexlab.train on tiny models: the fast paths equal the plain forward, training learns, checkpoints round-trip."""
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cortexlab.cortex import CortexWrapConfig, attach_cortex
+from cortexlab.data import RecallTask
+from cortexlab.models import default_model_path, tiny_model
+from cortexlab.train import (
+    RecallEvalSet,
+    RecallTrainConfig,
+    answer_loss,
+    episode_forward,
+    evaluate_recall,
+    load_checkpoint,
+    neutralise_controller_,
+    parse_curriculum,
+    save_adapter,
+    save_checkpoint,
+    sidecar_inputs,
+    train_recall,
+)
+
+CHARS = 20_000
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def task(tokenizer):
+    return RecallTask(tokenizer, "train", max_filler_chars=CHARS)
+
+
+def tiny_cortex(tokenizer, controller=True, layers=(1,), seed=0, init_range=0.02, **overrides):
+    base = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=3, seed=seed, initializer_range=init_range)
+    torch.manual_seed(seed)
+    cfg = CortexWrapConfig(layers=list(layers), rank_fast=16, num_heads=2, controller=controller, **overrides)
+    return attach_cortex(base, cfg)
+
+
+def randomise_(model, controller=True):
+    """A non-trivial sidecar: random output projection (and controller), so memory shows in the logits."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.sidecars.values():
+            block.out_proj.weight.copy_(torch.randn(block.out_proj.weight.shape, generator=gen) * 0.5)
+            ctrl = block.gdn.controller
+            if controller and ctrl is not None:
+                for p in (ctrl.write, ctrl.forget, ctrl.consolidate, ctrl.slow_read):
+                    p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("controller, overrides", [(True, {}), (True, {"entropy_layer": 0}), (False, {})])
+def test_fast_paths_equal_the_plain_forward(tokenizer, task, controller, overrides):
+    """memory_only_depth and precomputed sidecar inputs give the logits of full forwards through every call."""
+    model = randomise_(tiny_cortex(tokenizer, controller, **overrides), controller)
+    batch = task.batch(4, 3, seed=1)
+    memory = None
+    for c in range(3):
+        memory = model(batch.input_ids[:, c], memory=memory, use_cache=False).memory
+    reference = model(batch.input_ids[:, -1], memory=memory, use_cache=False).logits[:, -6:-1]
+    assert torch.equal(episode_forward(model, batch, fast=False), reference)
+    assert torch.equal(episode_forward(model, batch, fast=True), reference)
+    if overrides or not controller:
+        return
+    # two sidecar layers: no features path, still the plain result
+    two = randomise_(tiny_cortex(tokenizer, controller, layers=(0, 1)), controller)
+    memory = None
+    for c in range(3):
+        memory = two(batch.input_ids[:, c], memory=memory, use_cache=False).memory
+    assert torch.equal(episode_forward(two, batch), two(batch.input_ids[:, -1], memory=memory).logits[:, -6:-1])
+    with pytest.raises(ValueError, match="one sidecar layer"):
+        sidecar_inputs(two, batch.input_ids[:, 0])
+
+
+def test_training_steps_reduce_the_loss_on_a_fixed_batch(tokenizer, task):
+    # a larger init range gives the tiny random base an output head that can express the digits
+    model = tiny_cortex(tokenizer, controller=False, init_range=0.2)
+    batch = task.batch(3, 4, seed=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(not p.requires_grad for p in model.base.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-2)
+    with torch.no_grad():
+        before = answer_loss(episode_forward(model, batch), batch.answer).item()
+    for _ in range(15):
+        loss = answer_loss(episode_forward(model, batch), batch.answer)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = answer_loss(episode_forward(model, batch), batch.answer).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_gradient_reaches_the_first_call_through_the_memory(tokenizer, task):
+    """Backprop through time: the question's loss depends on what the sidecar wrote in call 1."""
+    model = randomise_(tiny_cortex(tokenizer, controller=False), controller=False)
+    batch = task.batch(3, 2, seed=3)
+    first = sidecar_inputs(model, batch.input_ids[:, 0])
+    first["x"].requires_grad_(True)
+    loss = answer_loss(episode_forward(model, batch, features=[first, None]), batch.answer)
+    loss.backward()
+    assert first["x"].grad is not None and first["x"].grad.abs().sum() > 0
+
+
+def test_checkpoint_and_adapter_round_trip(tokenizer, tmp_path):
+    model = randomise_(tiny_cortex(tokenizer, controller=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, 7, {"history": [{"step": 7}]})
+    fresh = tiny_cortex(tokenizer, controller=True, seed=5)
+    fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+    state = load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt)
+    assert state["step"] == 7 and state["history"] == [{"step": 7}]
+    for (name, a), b in zip(model.sidecars.state_dict().items(), fresh.sidecars.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved, loaded = optimizer.state_dict(), fresh_opt.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"] and saved["state"].keys() == loaded["state"].keys()
+    for i, s in saved["state"].items():
+        assert s.keys() == loaded["state"][i].keys() and all(torch.equal(s[k], loaded["state"][i][k]) for k in s)
+    save_adapter(model, tmp_path / "adapter", {"note": "card"})
+    again = tiny_cortex(tokenizer, controller=True, seed=6).load_cortex(tmp_path / "adapter")
+    assert all(torch.equal(a, b) for a, b in zip(model.sidecars.state_dict().values(),
+                                                 again.sidecars.state_dict().values()))
+    assert json.loads((tmp_path / "adapter" / "card.json").read_text()) == {"note": "card"}
+    assert load_checkpoint(tmp_path / "nothing", fresh, fresh_opt) is None
+
+
+def test_eval_baselines_and_neutralised_controller(tokenizer, task):
+    heldout = RecallTask(tokenizer, "heldout", max_filler_chars=CHARS)
+    model = tiny_cortex(tokenizer, controller=True)
+    # a freshly attached sidecar is a ghost: sidecar, reset and base all score the same
+    ev = evaluate_recall(model, heldout, distances=(0, 1, 3), examples=4, batch_size=2)
+    assert set(ev) == {"sidecar", "reset", "base", "chance"} and ev["chance"]["exact_match"] == 1e-5
+    assert set(ev["sidecar"]) == {"0", "1", "3"} and ev["sidecar"]["3"]["examples"] == 4
+    assert ev["sidecar"] == ev["reset"] == ev["base"]
+    # the features path (single sidecar layer) equals the plain path (model without features)
+    randomise_(model)
+    eval_set = RecallEvalSet(model, heldout, distances=(1, 2), examples=3, batch_size=2)
+    fast = evaluate_recall(model, eval_set)
+    eval_set.layer = None
+    assert evaluate_recall(model, eval_set) == fast
+    # neutralising the controller leaves exactly the controller-free sidecar with the same weights
+    plain = tiny_cortex(tokenizer, controller=False)
+    plain.sidecars.load_state_dict(model.sidecars.state_dict(), strict=False)
+    assert neutralise_controller_(model) == 1 and neutralise_controller_(plain) == 0
+    batch = heldout.batch(3, 2, seed=0)
+    torch.testing.assert_close(episode_forward(model, batch), episode_forward(plain, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
+    cfg = RecallTrainConfig(steps=3, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:2-3,0.5:3-4", filler_pool=8, easy_fraction=0.5, easy_call_tokens=24,
+                            eval_distances=(0, 2), eval_examples=2, eval_batch_size=2, checkpoint_every=2, lr=1e-2)
+    first = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
+                         checkpoint_dir=tmp_path, progress=False)
+    assert [h["step"] for h in first["history"]] == [1, 2, 3]
+    assert [h["stage"] for h in first["history"]] == ["easy", "easy", "main"]
+    assert first["data"]["easy"]["call_tokens"] == 24 and first["data"]["train"]["call_tokens"] == 48
+    assert set(first["eval"]) == {"sidecar", "reset", "base", "chance"}
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3
+    # resume from step 2 (drop the last checkpoint): the same data stream gives the same step 3
+    import shutil
+
+    shutil.rmtree(tmp_path / "step-000003")
+    (tmp_path / "latest.json").write_text(json.dumps({"checkpoint": "step-000002", "step": 2}))
+    resumed = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
+                           checkpoint_dir=tmp_path, resume=True, progress=False, evaluate=False)
+    assert resumed["history"][:2] == first["history"][:2] and len(resumed["history"]) == 3
+    assert resumed["history"][2]["calls"] == first["history"][2]["calls"]
+    assert resumed["history"][2]["loss"] == pytest.approx(first["history"][2]["loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="different config"):
+        train_recall(RecallTrainConfig(**{**cfg.__dict__, "lr": 5e-3}), model=tiny_cortex(tokenizer, False),
+                     tokenizer=tokenizer, checkpoint_dir=tmp_path, resume=True, progress=False, evaluate=False)
+
+
+def test_config_and_curriculum_validation():
+    assert parse_curriculum("0:2-4,0.5:2-8") == [(0.0, 2, 4), (0.5, 2, 8)]
+    for bad in ("", "0.5:2-4", "0:1-4", "0:4-2", "0:2-4,0.5", "0:2-4,0:2-8"):
+        with pytest.raises(ValueError):
+            parse_curriculum(bad)
+    with pytest.raises(ValueError, match="steps"):
+        RecallTrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        RecallTrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="easy_filler"):
+        RecallTrainConfig(easy_filler="lorem")
+    with pytest.raises(ValueError, match="easy_fraction"):
+        RecallTrainConfig(easy_fraction=1.5)
