@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/pytest --nbmake --nbmake-timeout=900 tests notebooks
+	$(BIN)/pytest --nbmake tests notebooks
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks
