@@ -466,10 +466,24 @@ def neutralise_controller_(model) -> int:
 # checkpoints (safetensors + JSON, atomic)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a file (or folder) made by `tempfile` (0600 / 0700) the usual permissions (0644 / 0755 less umask)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def _fsync_dir_files(path: Path) -> None:
+    """fsync every file in `path` and give it and the folder the usual permissions."""
     for file in filter(Path.is_file, path.iterdir()):
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+        _publish_mode(file)
+    _publish_mode(path)
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -482,6 +496,7 @@ def _write_json_atomic(path: Path, data) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -687,8 +702,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
               "filler_pool_seconds": round(pool_seconds, 1),
               "seeds": {"init": cfg.seed, "train_batches": "seed * 1e6 + step (split 'train')",
                         "eval": EVAL_SEED},
-              "data": {"train": _short(train_task.describe()), "heldout": _short(heldout.describe()),
-                       "easy": None if easy_task is None else {**_short(easy_task.describe()), "steps": easy_steps}},
+              "data": {"train": train_task.describe(), "heldout": heldout.describe(),   # file lists: disjoint splits
+                       "easy": None if easy_task is None else {**easy_task.describe(), "steps": easy_steps}},
               "history": history}
     unwrapped = accelerator.unwrap_model(model)
     if evaluate and accelerator.is_main_process:
@@ -715,11 +730,6 @@ def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progre
              for s in tqdm(range(0, len(ids), 16), desc="filler pool", disable=not progress, leave=False)]
     entropy = None if parts[0]["entropy"] is None else torch.cat([p["entropy"] for p in parts])
     return {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
-
-
-def _short(desc: dict) -> dict:
-    """describe() with the file list kept (it is the disjointness evidence) but compact."""
-    return {**desc, "filler_files": desc["filler_files"]}
 
 
 def _jsonable(x):

@@ -1,5 +1,6 @@
 """cortexlab.train on tiny models: the fast paths equal the plain forward, training learns, checkpoints round-trip."""
 import json
+import os
 
 import pytest
 import torch
@@ -131,6 +132,10 @@ def test_checkpoint_and_adapter_round_trip(tokenizer, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.sidecars.state_dict().values(),
                                                  again.sidecars.state_dict().values()))
     assert json.loads((tmp_path / "adapter" / "card.json").read_text()) == {"note": "card"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for path, mode in ((tmp_path / "adapter", 0o777), (tmp_path / "adapter" / "cortex.safetensors", 0o666)):
+        assert path.stat().st_mode & 0o777 == mode & ~umask   # not tempfile's private 0700 / 0600
     assert load_checkpoint(tmp_path / "nothing", fresh, fresh_opt) is None
 
 

@@ -26,23 +26,21 @@ in the two splits. Everything is deterministic given (split, seed, num_calls, ba
 from __future__ import annotations
 
 import ast
-import hashlib
 import random
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .corpus import SPLITS, check_split, stdlib_modules
 
 __all__ = [
     "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "RecallBatch", "RecallTask", "filler_files",
     "filler_token_pool",
 ]
 
-SPLITS = ("train", "heldout")
 FILLERS = ("stdlib", "repeat")
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-HELDOUT_EVERY = 5            # a stdlib module is held out when sha256(name) % 5 == 0
 MIN_DOCSTRING_CHARS = 80     # shorter docstrings are mostly one-liners ("Return x.")
 DEFAULT_MAX_CHARS = {"train": 600_000, "heldout": 200_000}
 
@@ -81,22 +79,13 @@ QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
 }
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
 def filler_files(split: str) -> list[Path]:
-    """The standard-library modules (`Lib/*.py`, top level) whose docstrings fill `split`, sorted.
+    """The standard-library modules whose docstrings fill `split`: `corpus.stdlib_modules(split)`.
 
     A module belongs to "heldout" when the SHA-256 of its file name is divisible by 5,
     else to "train": the two lists are disjoint and do not depend on the machine's order.
     """
-    _check_split(split)
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py") if p.is_file())
-    held = [int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0 for p in files]
-    return [p for p, h in zip(files, held) if h == (split == "heldout")]
+    return stdlib_modules(split)
 
 
 def _docstrings(path: Path) -> list[str]:
@@ -124,7 +113,7 @@ def filler_token_pool(tokenizer, split: str, max_chars: int | None = None) -> tu
     until `max_chars` characters of docstrings are collected; each docstring is tokenized
     on its own, with a space in front, and the pieces are concatenated.
     """
-    _check_split(split)
+    check_split(split)
     max_chars = DEFAULT_MAX_CHARS[split] if max_chars is None else max_chars
     if not isinstance(max_chars, int) or max_chars < 1000:
         raise ValueError(f"max_chars must be an int >= 1000, got {max_chars!r}")
@@ -189,7 +178,7 @@ class RecallTask:
 
     def __init__(self, tokenizer, split: str = "train", *, call_tokens: int = 48, key_digits: int = 5,
                  filler: str = "stdlib", max_filler_chars: int | None = None):
-        _check_split(split)
+        check_split(split)
         if filler not in FILLERS:
             raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
         for name, value, low in (("call_tokens", call_tokens, 16), ("key_digits", key_digits, 1)):

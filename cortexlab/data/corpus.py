@@ -1,0 +1,128 @@
+"""Real text for language modelling: the Python standard library's sources, split by file.
+
+Every machine with Python has these long, real documents. A module belongs to the held-out
+split when the SHA-256 of its file name is divisible by 5 (`HELDOUT_EVERY`), so train and
+held-out are disjoint and identical on every machine with the same Python.
+
+- `stdlib_modules(split)`: the top-level `Lib/*.py` files of a split.
+- `stdlib_tokenizer(vocab_size)`: a byte-level BPE trained locally (with the `tokenizers`
+  library) on the *train* split only, cached in cortexlab's cache folder.
+- `TokenCorpus(tokenizer, split)`: the split as one stream of token ids (files joined by an
+  end-of-text token), with seeded random training windows and the sequential, non-overlapping
+  windows used for held-out evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "heldout")
+HELDOUT_EVERY = 5
+END_OF_TEXT = "<|endoftext|>"
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def stdlib_modules(split: str) -> list[Path]:
+    """The standard-library modules (`Lib/*.py`, top level) of `split`, sorted by name.
+
+    "heldout" holds the modules whose file name's SHA-256 is divisible by `HELDOUT_EVERY`.
+    """
+    check_split(split)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no standard-library source files found in {root}")
+    held = [int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0 for p in files]
+    return [p for p, h in zip(files, held) if h == (split == "heldout")]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def stdlib_tokenizer(vocab_size: int = 2048, *, cache: bool = True):
+    """A byte-level BPE (`tokenizers.Tokenizer`) with `vocab_size` entries, trained on the train split.
+
+    Byte-level: every string encodes (no unknown token). Id 0 is `END_OF_TEXT`. Training takes a
+    few seconds; the result is cached as JSON in `cortexlab.models.cache_dir()/tokenizers`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 260 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be an int in [260, 65536] (256 bytes + merges), got {vocab_size!r}")
+    from cortexlab.models import cache_dir
+
+    path = cache_dir() / "tokenizers" / f"stdlib-bpe-{vocab_size}.json"
+    if cache and path.is_file():
+        return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((_read(p) for p in stdlib_modules("train")), trainer)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        tokenizer.save(tmp)
+        os.replace(tmp, path)   # atomic: a concurrent reader sees the old file or the new one
+    return tokenizer
+
+
+class TokenCorpus:
+    """One split of the stdlib sources as a stream of token ids [N] (int64).
+
+    `max_files` keeps only the first files (quick runs); `describe()` lists the files used.
+    """
+
+    def __init__(self, tokenizer, split: str = "train", *, max_files: int | None = None):
+        check_split(split)
+        if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
+            raise ValueError(f"max_files must be a positive int or None, got {max_files!r}")
+        self.split = split
+        self.files = stdlib_modules(split)[:max_files]
+        eot = tokenizer.token_to_id(END_OF_TEXT)
+        if eot is None:
+            raise ValueError(f"tokenizer has no {END_OF_TEXT!r} token (use stdlib_tokenizer())")
+        ids: list[int] = []
+        for encoding in tokenizer.encode_batch([_read(p) for p in self.files]):
+            ids.extend(encoding.ids)
+            ids.append(eot)
+        self.ids = torch.tensor(ids, dtype=torch.int64)
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def _check_len(self, seq_len: int) -> None:
+        if not isinstance(seq_len, int) or seq_len < 1 or seq_len + 1 > len(self):
+            raise ValueError(f"seq_len must be an int in [1, {len(self) - 1}], got {seq_len!r}")
+
+    def random_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        """[batch_size, seq_len + 1] windows at uniformly random offsets (inputs = [:, :-1], targets = [:, 1:])."""
+        self._check_len(seq_len)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        starts = torch.randint(0, len(self) - seq_len, (batch_size,), generator=generator)
+        return torch.stack([self.ids[s:s + seq_len + 1] for s in starts.tolist()])
+
+    def eval_windows(self, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+        """Consecutive non-overlapping [n, seq_len + 1] windows from the start of the split (deterministic)."""
+        self._check_len(seq_len)
+        n = (len(self) - 1) // seq_len
+        n = n if max_windows is None else min(n, max_windows)
+        return torch.stack([self.ids[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
+
+    def describe(self) -> dict:
+        return {"split": self.split, "source": "Python standard library, top-level Lib/*.py",
+                "tokens": len(self), "vocab_size": self.vocab_size, "files": [p.name for p in self.files]}

@@ -1,0 +1,1 @@
+"""NeuroLlama: a Llama-3 backbone with seven toggleable neuroscience mechanisms (one module each)."""
