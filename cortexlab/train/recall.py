@@ -44,11 +44,8 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,17 +53,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.controller import SLOW_DECAY_LOGIT, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
 from cortexlab.data.recall import FILLERS, RecallBatch, RecallTask
 
+from .common import (
+    environment,
+    fsync_dir_files,
+    git_revision,
+    jsonable,
+    load_optimizer,
+    save_optimizer,
+    write_json_atomic,
+)
+
 __all__ = [
-    "EVAL_SEED", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "episode_forward", "evaluate_recall",
-    "load_checkpoint", "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits",
-    "save_adapter", "save_checkpoint", "sidecar_inputs", "train_recall",
+    "EVAL_SEED", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
+    "episode_forward", "evaluate_recall", "load_checkpoint", "memory_only_depth", "neutralise_controller_",
+    "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "sidecar_inputs", "train_recall",
 ]
 
 EVAL_SEED = 1_000_003       # held-out episodes use this seed base (training uses the run's seed + step)
@@ -466,43 +472,6 @@ def neutralise_controller_(model) -> int:
 # checkpoints (safetensors + JSON, atomic)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path: Path) -> None:
-    """Give a file (or folder) made by `tempfile` (0600 / 0700) the usual permissions (0644 / 0755 less umask)."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
-
-
-def _fsync_dir_files(path: Path) -> None:
-    """fsync every file in `path` and give it and the folder the usual permissions."""
-    for file in filter(Path.is_file, path.iterdir()):
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-        _publish_mode(file)
-    _publish_mode(path)
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _publish_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model, path, card: dict | None = None) -> Path:
     """`save_cortex` into `path` atomically (temp folder, fsync, rename), plus an optional card.json."""
     path = Path(path)
@@ -512,7 +481,7 @@ def save_adapter(model, path, card: dict | None = None) -> Path:
         _unwrap(model).save_cortex(tmp)
         if card is not None:
             (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        _fsync_dir_files(tmp)
+        fsync_dir_files(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.rename(path, old)
@@ -533,19 +502,15 @@ def save_checkpoint(directory, model, optimizer, step: int, state: dict, keep: i
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
     try:
         _unwrap(model).save_cortex(tmp)
-        opt = optimizer.state_dict()
-        tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in opt["state"].items()
-                   for name, t in s.items() if isinstance(t, torch.Tensor)}
-        save_file(tensors, tmp / "optimizer.safetensors")
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        groups = save_optimizer(optimizer, tmp / "optimizer.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}))
-        _fsync_dir_files(tmp)
+        fsync_dir_files(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
+    write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
     for old in sorted(directory.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -567,39 +532,12 @@ def load_checkpoint(directory, model, optimizer) -> dict | None:
     target = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
     _unwrap(model).load_cortex(target)
     state = json.loads((target / "trainer_state.json").read_text())
-    tensors = load_file(target / "optimizer.safetensors")
-    opt_state: dict = {}
-    for key, t in tensors.items():
-        index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = t
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state.pop("param_groups")]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    load_optimizer(optimizer, target / "optimizer.safetensors", state.pop("param_groups"))
     return state
 
 
 # ---------------------------------------------------------------------------------------
 # training
-
-
-def git_revision() -> dict:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        return {"commit": rev, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def environment() -> dict:
-    import accelerate
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "torch_threads": torch.get_num_threads(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count()}
 
 
 def _lr_at(step: int, cfg: RecallTrainConfig) -> float:
@@ -649,7 +587,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     if resume and checkpoint_dir is not None:
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         if state is not None:
-            if state.get("config") != _jsonable(asdict(cfg)):
+            if state.get("config") != jsonable(asdict(cfg)):
                 raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different config; "
                                  "use another --checkpoint-dir or drop --resume")
             start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
@@ -690,14 +628,14 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                         "lr": _lr_at(step, cfg), "seconds": round(dt, 3)})
         bar.set_postfix(loss=f"{loss.item():.3f}", N=calls, em=f"{exact.float().mean().item():.2f}")
         if checkpoint_dir is not None and accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
-            _write_json_atomic(Path(checkpoint_dir) / "progress.json", {"steps": cfg.steps, "history": history})
+            write_json_atomic(Path(checkpoint_dir) / "progress.json", {"steps": cfg.steps, "history": history})
         if checkpoint_dir is not None and accelerator.is_main_process and (
                 (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, step + 1,
-                            {"config": _jsonable(asdict(cfg)), "history": history, "train_seconds": train_seconds})
+                            {"config": jsonable(asdict(cfg)), "history": history, "train_seconds": train_seconds})
     bar.close()
 
-    result = {"config": _jsonable(asdict(cfg)), "cortex_config": json.loads(cfg.cortex_config().to_json()),
+    result = {"config": jsonable(asdict(cfg)), "cortex_config": json.loads(cfg.cortex_config().to_json()),
               "train_seconds": round(train_seconds, 1), "steps_run": len(history),
               "filler_pool_seconds": round(pool_seconds, 1),
               "seeds": {"init": cfg.seed, "train_batches": "seed * 1e6 + step (split 'train')",
@@ -730,10 +668,6 @@ def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progre
              for s in tqdm(range(0, len(ids), 16), desc="filler pool", disable=not progress, leave=False)]
     entropy = None if parts[0]["entropy"] is None else torch.cat([p["entropy"] for p in parts])
     return {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=list))
 
 
 # ---------------------------------------------------------------------------------------
@@ -808,7 +742,7 @@ def _run_one(args, controller: bool, out: Path, adapter: Path | None, command: s
     if adapter is not None:
         save_adapter(model, adapter, _card(result, out))
         result["adapter"] = {"path": str(adapter), "bytes": (adapter / "cortex.safetensors").stat().st_size}
-    _write_json_atomic(out, result)
+    write_json_atomic(out, result)
     return result
 
 
@@ -828,7 +762,7 @@ def _ablation(args, command: str) -> dict:
         adapter = adapters / f"recall_{name}"
         if args.reuse and files[name].is_file() and (adapter / "cortex.safetensors").is_file():
             previous = json.loads(files[name].read_text())
-            if previous.get("config") == _jsonable(asdict(_config_from(args, controller))):
+            if previous.get("config") == jsonable(asdict(_config_from(args, controller))):
                 runs[name] = previous
                 continue
         runs[name] = _run_one(args, controller, files[name], adapter, command, evaluate=False)
@@ -860,9 +794,9 @@ def _ablation(args, command: str) -> dict:
     for name, run in runs.items():   # the per-run files and adapter cards get their evaluation
         run["eval"], run["eval_seconds"] = evals[name], eval_seconds[name]
         run["eval_set"] = eval_set.describe()
-        _write_json_atomic(files[name], run)
+        write_json_atomic(files[name], run)
         card = adapters / f"recall_{name}" / "card.json"
-        _write_json_atomic(card, _card(run, files[name]))
+        write_json_atomic(card, _card(run, files[name]))
 
     combined = {
         "experiment": "controller ablation on recall across calls (frozen SmolLM2-135M-Instruct + one sidecar)",
@@ -887,36 +821,32 @@ def _ablation(args, command: str) -> dict:
         "adapters": {name: run.get("adapter") for name, run in runs.items()},
         "runs": {name: str(f) for name, f in files.items()},
     }
-    _write_json_atomic(out, combined)
+    write_json_atomic(out, combined)
     return combined
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cortexlab.train", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="recipe", required=True)
+def add_cli(sub) -> None:
+    """The subcommands "recall" and "recall-ablation" of `python -m cortexlab.train`."""
     p = sub.add_parser("recall", help="train one sidecar on recall across calls and evaluate it")
     p.add_argument("--controller", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--adapter", default=None, help="save the trained sidecar here (save_cortex + card.json)")
     _add_common(p)
+    p.set_defaults(run=run_cli)
     p = sub.add_parser("recall-ablation", help="the controller ablation: train with and without the controller")
     p.add_argument("--out", required=True, help="combined results JSON")
     p.add_argument("--adapters", default="results/adapters", help="folder for recall_ctrl/ and recall_noctrl/")
     p.add_argument("--reuse", action="store_true",
                    help="reuse a variant's existing per-run results + adapter when its config matches")
     _add_common(p)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python -m cortexlab.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    p.set_defaults(run=run_cli)
+
+
+def run_cli(args, command: str) -> dict:
+    """Run a recall recipe from parsed arguments; returns the exact-match table it printed."""
     if args.recipe == "recall":
         out = Path(args.out)
         result = _run_one(args, args.controller, out, Path(args.adapter) if args.adapter else None, command)
-        print(json.dumps({"out": str(out), "exact_match": _exact_table(result["eval"])}, indent=1))
-    else:
-        print(json.dumps(_ablation(args, command)["exact_match"], indent=1))
-    return 0
+        return {"out": str(out), "exact_match": _exact_table(result["eval"])}
+    return _ablation(args, command)["exact_match"]
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

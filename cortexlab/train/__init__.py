@@ -1,0 +1,35 @@
+"""Training recipes (built on `accelerate`); run them with `python -m cortexlab.train <recipe>`.
+
+- `recall`: a Cortex sidecar on frozen SmolLM2 learns to carry a pass key across calls, and the
+  controller ablation ("recall", "recall-ablation").
+- `lm`: NeuroLlama trained from scratch on the standard library's sources, and the mechanism
+  ablation ("neuro-lm", "neuro-ablation").
+- `common`: atomic result and checkpoint writes, the git revision and environment recorded with results.
+"""
+from .lm import ABLATION_VARIANTS, LMTrainConfig, evaluate_lm, train_lm, train_lm_ablation
+from .recall import (
+    EVAL_SEED,
+    RecallEvalSet,
+    RecallTrainConfig,
+    advance_memory,
+    answer_loss,
+    answer_metrics,
+    episode_forward,
+    evaluate_recall,
+    load_checkpoint,
+    memory_only_depth,
+    neutralise_controller_,
+    parse_curriculum,
+    question_logits,
+    save_adapter,
+    save_checkpoint,
+    sidecar_inputs,
+    train_recall,
+)
+
+__all__ = [
+    "ABLATION_VARIANTS", "EVAL_SEED", "LMTrainConfig", "RecallEvalSet", "RecallTrainConfig", "advance_memory",
+    "answer_loss", "answer_metrics", "episode_forward", "evaluate_lm", "evaluate_recall", "load_checkpoint",
+    "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
+    "save_checkpoint", "sidecar_inputs", "train_lm", "train_lm_ablation", "train_recall",
+]

@@ -1,0 +1,101 @@
+"""What every training recipe shares: atomic JSON and folder writes, the git revision and the environment."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["environment", "fsync_dir_files", "git_revision", "jsonable", "load_optimizer", "save_optimizer",
+           "write_json_atomic"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a file (or folder) made by `tempfile` (0600 / 0700) the usual permissions (0644 / 0755 less umask)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def fsync_dir_files(path: Path) -> None:
+    """fsync every file in `path` and give it and the folder the usual permissions."""
+    for file in filter(Path.is_file, path.iterdir()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        _publish_mode(file)
+    _publish_mode(path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write `data` as indented JSON to `path`: a temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _publish_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_revision() -> dict:
+    """{"commit": HEAD, "dirty": uncommitted changes to tracked files} of the checkout cortexlab runs from."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return {"commit": rev, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment() -> dict:
+    """Versions and machine facts recorded beside every result."""
+    import accelerate
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def jsonable(x):
+    """`x` as it reads back from JSON (tuples become lists), for comparing configs with saved ones."""
+    return json.loads(json.dumps(x, default=list))
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> list[dict]:
+    """Write the optimizer's tensors (moments, steps) to `path` (safetensors); returns its param groups as JSON data."""
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in opt["state"].items()
+               for name, t in s.items() if isinstance(t, torch.Tensor)}
+    save_file(tensors, path)
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, param_groups: list[dict]) -> None:
+    """Inverse of `save_optimizer`: the tensors from `path`, the groups from the JSON data it returned."""
+    state: dict = {}
+    for key, t in load_file(path).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+

@@ -1,0 +1,334 @@
+"""Train NeuroLlama from scratch on real text, and the mechanism ablation (built on `accelerate`).
+
+    python -m cortexlab.train neuro-lm --out results/neurollama_lm.json [--set enable_habituation=true ...]
+    python -m cortexlab.train neuro-ablation --out results/neurollama_ablation.json [--variants baseline,hebbian]
+
+Data: the Python standard library's sources (`cortexlab.data.TokenCorpus`), tokenised by a byte-level BPE
+trained locally on the train split (`stdlib_tokenizer`); held-out modules are never trained on.
+One step: a batch of `batch_size` random windows of `seq_len + 1` tokens, drawn from a generator seeded by
+(seed, step), so a resumed run sees exactly the batches it would have seen.
+
+    loss = CE(next token) + aux_loss        aux_loss: the model's own auxiliary objectives, when it reports any
+
+AdamW, linear warm-up then cosine decay to `min_lr_ratio * lr`, gradient clipping. Evaluation: the mean next-token
+cross-entropy (nats per token) over the first `eval_windows` consecutive held-out windows, every `eval_every` steps
+and at the end. Checkpoints (model + optimizer as safetensors, trainer state as JSON) are atomic; `--resume`
+continues from the latest one.
+
+The ablation trains the same recipe (same seed, data and steps) once per variant of `ABLATION_VARIANTS`: every
+mechanism off ("baseline") and each mechanism on alone, and reports the held-out loss of each beside the baseline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from cortexlab.data.corpus import TokenCorpus, stdlib_tokenizer
+from cortexlab.neuro.backbone import NeuroLlamaModel, create_neurollama
+from cortexlab.neuro.config import NeuroLlamaConfig
+
+from .common import (
+    environment,
+    fsync_dir_files,
+    git_revision,
+    jsonable,
+    load_optimizer,
+    save_optimizer,
+    write_json_atomic,
+)
+
+__all__ = ["ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "train_lm", "train_lm_ablation"]
+
+ABLATION_VARIANTS = {
+    "baseline": {},
+    "synaptic_static": {"enable_synaptic_modulation": True, "synaptic_mode": "static"},
+    "synaptic_context": {"enable_synaptic_modulation": True, "synaptic_mode": "context_dependent"},
+    "synaptic_matrix": {"enable_synaptic_modulation": True, "synaptic_mode": "full_matrix"},
+    "columns": {"enable_cortical_columns": True, "enable_lateral_inhibition": True},
+    "predictive_coding": {"enable_predictive_coding": True},
+    "hebbian": {"enable_hebbian_attention": True},
+    "habituation": {"enable_habituation": True},
+    "population": {"enable_population_coding": True},
+    "early_exit": {"enable_early_exit": True},
+}
+
+
+@dataclass
+class LMTrainConfig:
+    """One NeuroLlama training run. `overrides` are `NeuroLlamaConfig` fields applied to `preset`."""
+
+    preset: str = "small"
+    overrides: dict = field(default_factory=dict)
+    vocab_size: int = 2048
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_windows: int = 64
+    eval_batch_size: int = 16
+    checkpoint_every: int = 100
+    max_train_files: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_windows", "eval_batch_size",
+                     "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        self.model_config()   # an unknown preset or field, or an invalid value, fails here
+
+    def model_config(self) -> NeuroLlamaConfig:
+        return NeuroLlamaConfig.from_preset(self.preset, **{"vocab_size": self.vocab_size,
+                                                            "max_seq_len": self.seq_len, **self.overrides})
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `warmup_steps`, then cosine decay from lr to min_lr_ratio * lr at the last step."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate_lm(model: NeuroLlamaModel, windows: torch.Tensor, batch_size: int = 16) -> dict:
+    """Mean next-token cross-entropy (nats/token) and perplexity over `windows` [n, T+1], plus the loss by position.
+
+    Returns {"loss", "perplexity", "tokens", "loss_by_position" (list of T means over the windows)}.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    for s in range(0, len(windows), batch_size):
+        batch = windows[s:s + batch_size].to(device)
+        logits = model(batch[:, :-1])["logits"].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        totals += nll.sum(0).double().cpu()
+    model.train(was_training)
+    by_position = totals / len(windows)
+    loss = by_position.mean().item()
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(windows[:, 1:].numel()),
+            "loss_by_position": [round(x, 5) for x in by_position.tolist()]}
+
+
+def _save_checkpoint(directory: Path, model, optimizer, step: int, state: dict, keep: int = 2) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        groups = save_optimizer(optimizer, tmp / "optimizer.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}))
+        fsync_dir_files(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(directory: Path, model, optimizer) -> dict | None:
+    pointer = directory / "latest.json"
+    if not pointer.is_file():
+        return None
+    target = directory / json.loads(pointer.read_text())["checkpoint"]
+    load_model(model, str(target / "model.safetensors"))
+    state = json.loads((target / "trainer_state.json").read_text())
+    load_optimizer(optimizer, target / "optimizer.safetensors", state.pop("param_groups"))
+    return state
+
+
+def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, progress: bool = True,
+             accelerator=None) -> dict:
+    """Train one NeuroLlama from `cfg`; returns the results dict, with the trained model under "model"."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    accelerator = accelerator or Accelerator()
+    tokenizer = stdlib_tokenizer(cfg.vocab_size)
+    train = TokenCorpus(tokenizer, "train", max_files=cfg.max_train_files)
+    heldout = TokenCorpus(tokenizer, "heldout")
+    windows = heldout.eval_windows(cfg.seq_len, cfg.eval_windows)
+    torch.manual_seed(cfg.seed)
+    model = create_neurollama(cfg.model_config())
+    decay = [p for p in model.parameters() if p.dim() >= 2]          # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    history, evals, start, train_seconds = [], [], 0, 0.0
+    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if checkpoint_dir is not None and resume:
+        state = _load_checkpoint(checkpoint_dir, unwrapped, optimizer)
+        if state is not None:
+            if state["config"] != jsonable(asdict(cfg)):
+                raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different config; "
+                                 "use another --checkpoint-dir or drop --resume")
+            start, history, evals, train_seconds = state["step"], state["history"], state["evals"], \
+                state["train_seconds"]
+    elif checkpoint_dir is not None and accelerator.is_main_process:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    model.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="neurollama",
+               disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        t0 = time.time()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        batch = train.random_batch(cfg.batch_size, cfg.seq_len, generator).to(accelerator.device)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        out = model(batch[:, :-1])
+        lm_loss = torch.nn.functional.cross_entropy(out["logits"].float().flatten(0, 1), batch[:, 1:].flatten())
+        aux = out.get("aux_loss")
+        loss = lm_loss if aux is None else lm_loss + aux
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        optimizer.step()
+        dt = time.time() - t0
+        train_seconds += dt
+        history.append({"step": step + 1, "loss": round(lm_loss.item(), 5),
+                        "aux_loss": None if aux is None else round(float(aux), 5),
+                        "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                        "lr": cfg.lr_at(step), "seconds": round(dt, 3)})
+        bar.set_postfix(loss=f"{lm_loss.item():.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            ev = evaluate_lm(unwrapped, windows, cfg.eval_batch_size)
+            evals.append({"step": step + 1, "heldout_loss": round(ev["loss"], 5)})
+        if checkpoint_dir is not None and accelerator.is_main_process and (
+                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save_checkpoint(checkpoint_dir, unwrapped, optimizer, step + 1,
+                             {"config": jsonable(asdict(cfg)), "history": history, "evals": evals,
+                              "train_seconds": train_seconds})
+    bar.close()
+
+    final = evaluate_lm(unwrapped, windows, cfg.eval_batch_size)
+    return {"config": jsonable(asdict(cfg)), "model_config": json.loads(unwrapped.config.to_json()),
+            "parameters": unwrapped.num_parameters(),
+            "data": {"train": train.describe(), "heldout": heldout.describe(),
+                     "eval_windows": len(windows), "tokenizer": f"byte-level BPE, {cfg.vocab_size} entries, "
+                                                               "trained on the train split"},
+            "heldout": final, "evals": evals, "history": history, "train_seconds": round(train_seconds, 1),
+            "wall_seconds": round(time.time() - t_start, 1), "model": unwrapped}
+
+
+def train_lm_ablation(cfg: LMTrainConfig, variants=None, *, checkpoint_root=None, resume: bool = False,
+                      progress: bool = True) -> dict:
+    """Train `cfg` once per variant (name -> NeuroLlamaConfig overrides); held-out loss of each vs the baseline."""
+    variants = ABLATION_VARIANTS if variants is None else variants
+    if "baseline" not in variants:
+        raise ValueError(f"variants must include 'baseline' (every mechanism off), got {sorted(variants)}")
+    runs = {}
+    for name, overrides in variants.items():
+        run_cfg = LMTrainConfig(**{**asdict(cfg), "overrides": {**cfg.overrides, **overrides}})
+        result = train_lm(run_cfg, checkpoint_dir=None if checkpoint_root is None else Path(checkpoint_root) / name,
+                          resume=resume, progress=progress)
+        result.pop("model")
+        runs[name] = result
+    base = runs["baseline"]["heldout"]["loss"]
+    table = {name: {"heldout_loss": round(r["heldout"]["loss"], 5),
+                    "delta_vs_baseline": round(r["heldout"]["loss"] - base, 5),
+                    "parameters": r["parameters"], "train_seconds": r["train_seconds"]} for name, r in runs.items()}
+    return {"table": table, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def _parse_set(items: list[str]) -> dict:
+    """--set field=value pairs -> NeuroLlamaConfig overrides (values parsed as JSON, else kept as strings)."""
+    overrides = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects field=value, got {item!r}")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    return overrides
+
+
+def add_cli(sub) -> None:
+    """The subcommands "neuro-lm" and "neuro-ablation" of `python -m cortexlab.train`."""
+    d = LMTrainConfig()
+    for name, help_text in (("neuro-lm", "train NeuroLlama (small preset) on the stdlib sources and evaluate it"),
+                            ("neuro-ablation", "train once per mechanism variant; held-out loss vs the baseline")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--out", required=True, help="results JSON")
+        p.add_argument("--preset", default=d.preset)
+        p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="NeuroLlamaConfig override (repeat)")
+        for option in ("vocab_size", "seq_len", "batch_size", "steps", "warmup_steps", "seed", "eval_every",
+                       "eval_windows", "checkpoint_every"):
+            p.add_argument("--" + option.replace("_", "-"), type=int, default=getattr(d, option))
+        p.add_argument("--lr", type=float, default=d.lr)
+        p.add_argument("--max-train-files", type=int, default=None)
+        p.add_argument("--checkpoint-dir", default=None,
+                       help="checkpoints (default: <cortexlab cache>/runs/<name of --out>)")
+        p.add_argument("--resume", action="store_true")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "neuro-ablation":
+            p.add_argument("--variants", default=",".join(ABLATION_VARIANTS),
+                           help=f"comma-separated subset of {', '.join(ABLATION_VARIANTS)}")
+        p.set_defaults(run=run_cli)
+
+
+def run_cli(args, command: str) -> dict:
+    """Run a NeuroLlama recipe from parsed arguments, write its results JSON; returns the summary it printed."""
+    from cortexlab.models import cache_dir
+
+    cfg = LMTrainConfig(preset=args.preset, overrides=_parse_set(args.set), vocab_size=args.vocab_size,
+                        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+                        warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every,
+                        eval_windows=args.eval_windows, checkpoint_every=args.checkpoint_every,
+                        max_train_files=args.max_train_files)
+    out = Path(args.out)
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else cache_dir() / "runs" / out.stem
+    meta = {"command": command, "git": git_revision(), "environment": environment()}
+    if args.recipe == "neuro-lm":
+        result = train_lm(cfg, checkpoint_dir=checkpoints, resume=args.resume, progress=not args.no_progress)
+        result.pop("model")
+        write_json_atomic(out, {**meta, **result})
+        return {"out": str(out), "heldout_loss": result["heldout"]["loss"]}
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(ABLATION_VARIANTS))
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; valid: {', '.join(ABLATION_VARIANTS)}")
+    result = train_lm_ablation(cfg, {n: ABLATION_VARIANTS[n] for n in names}, checkpoint_root=checkpoints,
+                               resume=args.resume, progress=not args.no_progress)
+    write_json_atomic(out, {**meta, "experiment": "NeuroLlama mechanism ablation (small preset, stdlib text)",
+                            "metric": "mean next-token cross-entropy (nats/token) on held-out stdlib modules",
+                            **result})
+    return {"out": str(out), "table": result["table"]}
