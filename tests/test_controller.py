@@ -128,6 +128,19 @@ def test_predictive_entropy_is_normalised():
                                                  torch.nn.Linear(d, V)).clamp(0, 1)), 0.5, abs_tol=0.5)
 
 
+def test_predictive_entropy_of_repeated_rows_equals_the_direct_read_out():
+    """Rows are deduplicated before the output head; the result is the row-by-row entropy, in place."""
+    V, d = 40, 6
+    torch.manual_seed(0)
+    head, norm = torch.nn.Linear(d, V), torch.nn.LayerNorm(d)
+    vocab = torch.randn(5, d)                              # like embeddings: few distinct rows, repeated
+    x = vocab[torch.randint(0, 5, (2, 9))]
+    with torch.no_grad():
+        logp = head(norm(x)).log_softmax(-1)
+        direct = -(logp.exp() * logp).sum(-1) / math.log(V)
+    assert torch.allclose(predictive_entropy(x, norm, head, block_tokens=2), direct, atol=1e-6)
+
+
 def test_controller_flag_is_validated():
     with pytest.raises(ValueError, match="controller"):
         CortexWrapConfig(controller="yes")

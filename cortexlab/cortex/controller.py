@@ -39,16 +39,19 @@ def predictive_entropy(residual: torch.Tensor, final_norm: nn.Module, lm_head: n
                        block_tokens: int = 256) -> torch.Tensor:
     """u_t = H(softmax(lm_head(final_norm(r_t)))) / log V, [B, T] in [0, 1], without gradient.
 
-    Computed in blocks of tokens so the [T, V] logits never exist at once.
+    u_t depends on r_t alone, so it is computed once per distinct row and gathered back: at the
+    first layer r_t is the token's embedding and a 2k-token text holds ~500 distinct tokens (4x
+    less output-head work, exactly the same values). Blocks of rows keep the [rows, V] logits small.
     """
-    B, T, _ = residual.shape
-    out = residual.new_empty(B, T, dtype=torch.float32)
+    B, T, d = residual.shape
     with torch.no_grad():
-        for s in range(0, T, block_tokens):
-            logits = lm_head(final_norm(residual[:, s:s + block_tokens])).float()
+        rows, inverse = torch.unique(residual.reshape(B * T, d), dim=0, return_inverse=True)
+        out = rows.new_empty(rows.shape[0], dtype=torch.float32)
+        for s in range(0, rows.shape[0], block_tokens):
+            logits = lm_head(final_norm(rows[s:s + block_tokens])).float()
             logp = logits.log_softmax(-1)
-            out[:, s:s + block_tokens] = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
-    return out
+            out[s:s + block_tokens] = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+    return out[inverse].view(B, T)
 
 
 def recall_error(k, v, g, beta, S0, memory):
