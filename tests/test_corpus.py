@@ -1,5 +1,6 @@
 """cortexlab.data.corpus: disjoint stdlib splits, a locally trained BPE, token windows."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def test_tokenizer_round_trips_any_text_and_is_cached(tokenizer):
     text = "def f(x):\n    return x ** 2  # ünïcode ✓\n"
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
     assert tokenizer.get_vocab_size() == 512 and tokenizer.token_to_id(END_OF_TEXT) == 0
-    cached = Path(os.environ["CORTEXLAB_CACHE"]) / "tokenizers" / "stdlib-bpe-512.json"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    cached = Path(os.environ["CORTEXLAB_CACHE"]) / "tokenizers" / f"stdlib-bpe-512-{version}.json"
     assert cached.is_file()
     assert stdlib_tokenizer(512).to_str() == tokenizer.to_str()     # read back from the cache
     with pytest.raises(ValueError, match="vocab_size"):

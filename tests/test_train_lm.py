@@ -49,14 +49,18 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_ablation_and_command_line(tmp_path):
     out = tmp_path / "ablation.json"
-    main(["neuro-ablation", "--out", str(out), "--variants", "baseline,synaptic_static", "--steps", "4",
-          "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2", "--max-train-files",
-          "2", "--no-progress", "--checkpoint-dir", str(tmp_path / "runs")]
-         + [f"--set={k}={v}" for k, v in TINY.items()])
+    argv = ["neuro-ablation", "--out", str(out), "--variants", "baseline,synaptic_static", "--seeds", "0,1",
+            "--steps", "4", "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2",
+            "--max-train-files", "2", "--no-progress", "--checkpoint-dir", str(tmp_path / "runs")]
+    main(argv + [f"--set={k}={v}" for k, v in TINY.items()])
     result = json.loads(out.read_text())
-    assert set(result["table"]) == {"baseline", "synaptic_static"}
-    assert result["table"]["baseline"]["delta_vs_baseline"] == 0
-    assert result["runs"]["synaptic_static"]["model_config"]["enable_synaptic_modulation"] is True
+    table = result["table"]
+    assert result["complete"] and set(table) == {"baseline", "synaptic_static"}
+    assert table["baseline"]["mean_delta_vs_baseline"] == 0 and set(table["baseline"]["heldout_loss"]) == {"0", "1"}
+    paired = [table["synaptic_static"]["heldout_loss"][s] - table["baseline"]["heldout_loss"][s] for s in "01"]
+    assert table["synaptic_static"]["mean_delta_vs_baseline"] == pytest.approx(sum(paired) / 2, abs=1e-4)
+    assert result["runs"]["synaptic_static"]["1"]["model_config"]["enable_synaptic_modulation"] is True
+    assert result["runs"]["synaptic_static"]["1"]["config"]["seed"] == 1
     assert result["command"].startswith("python -m cortexlab.train neuro-ablation")
     with pytest.raises(ValueError, match="variants"):
         train_lm_ablation(tiny_cfg(), {"hebbian": {}})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -53,7 +54,7 @@ def stdlib_tokenizer(vocab_size: int = 2048, *, cache: bool = True):
     """A byte-level BPE (`tokenizers.Tokenizer`) with `vocab_size` entries, trained on the train split.
 
     Byte-level: every string encodes (no unknown token). Id 0 is `END_OF_TEXT`. Training takes a
-    few seconds; the result is cached as JSON in `cortexlab.models.cache_dir()/tokenizers`.
+    few seconds; the result is cached as JSON in `cortexlab.models.cache_dir()/tokenizers`, per Python version.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -61,7 +62,8 @@ def stdlib_tokenizer(vocab_size: int = 2048, *, cache: bool = True):
         raise ValueError(f"vocab_size must be an int in [260, 65536] (256 bytes + merges), got {vocab_size!r}")
     from cortexlab.models import cache_dir
 
-    path = cache_dir() / "tokenizers" / f"stdlib-bpe-{vocab_size}.json"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"   # each Python has its own stdlib
+    path = cache_dir() / "tokenizers" / f"stdlib-bpe-{vocab_size}-{version}.json"
     if cache and path.is_file():
         return Tokenizer.from_file(str(path))
     tokenizer = Tokenizer(models.BPE())

@@ -147,6 +147,16 @@ class AdaptiveComputationController:
         self.history: list[float] = []
 
     @property
+    def base_threshold(self) -> float:
+        """tau's base, before the complexity and time-pressure terms."""
+        return self._base
+
+    def set_threshold(self, tau: float) -> None:
+        """Set the base threshold directly (e.g. to sweep tau), within [min_threshold, max_threshold]."""
+        _check_number("tau", tau, self.config.min_threshold, self.config.max_threshold)
+        self._base = float(tau)
+
+    @property
     def threshold(self) -> float:
         cfg = self.config
         tau = self._base + cfg.complexity_gain * self.complexity - cfg.time_pressure_gain * self.time_pressure

@@ -98,8 +98,8 @@ def default_objectives(config: NeuroLlamaConfig) -> TrainingObjectiveConfig:
 def _require_below_one(config: NeuroLlamaConfig, *names: str) -> None:
     for name in names:
         if getattr(config, name) >= 1:
-            raise ValueError(f"{name} must be < 1 when its mechanism is on (1 would silence keys completely), "
-                             f"got {getattr(config, name)}")
+            raise ValueError(f"{name} must be < 1 when enable_habituation is on (the habituation modules need "
+                             f"[0, 1)), got {getattr(config, name)}")
 
 
 class AttentionMechanisms(nn.Module):
@@ -225,7 +225,6 @@ class ModelMechanisms(nn.Module):
         if self.early_exit.process_layer_output(x[:, -1:], depth) is None:
             return None
         return self.early_exit.exit_logits(x, depth)
-
 
 
 def attach_mechanisms(model: nn.Module) -> None:

@@ -12,8 +12,10 @@ One step: a batch of `batch_size` random windows of `seq_len + 1` tokens, drawn 
 
 AdamW, linear warm-up then cosine decay to `min_lr_ratio * lr`, gradient clipping. Evaluation: the mean next-token
 cross-entropy (nats per token) over the first `eval_windows` consecutive held-out windows, every `eval_every` steps
-and at the end. Checkpoints (model + optimizer as safetensors, trainer state as JSON) are atomic; `--resume`
-continues from the latest one.
+and at the end (in eval mode: an early-exit model exits where it is confident, so its held-out loss includes its
+exits); with early exit on, also the per-token saving/loss trade-off and the wall clock of real exits
+(`cortexlab.eval.early_exit`). Checkpoints (model + optimizer as safetensors, trainer state as JSON) are
+atomic; `--resume` continues from the latest one.
 
 The ablation trains the same recipe (same seed, data and steps) once per variant of `ABLATION_VARIANTS`: every
 mechanism off ("baseline") and each mechanism on alone, and reports the held-out loss of each beside the baseline.
@@ -54,7 +56,7 @@ ABLATION_VARIANTS = {
     "synaptic_matrix": {"enable_synaptic_modulation": True, "synaptic_mode": "full_matrix"},
     "columns": {"enable_cortical_columns": True, "enable_lateral_inhibition": True},
     "predictive_coding": {"enable_predictive_coding": True},
-    "hebbian": {"enable_hebbian_attention": True},
+    "hebbian": {"enable_hebbian_attention": True, "hebbian_lr": 0.1},   # the default 0.01 barely moves logits
     "habituation": {"enable_habituation": True},
     "population": {"enable_population_coding": True},
     "early_exit": {"enable_early_exit": True},
@@ -233,33 +235,62 @@ def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, p
     bar.close()
 
     final = evaluate_lm(unwrapped, windows, cfg.eval_batch_size)
+    early_exit = None
+    if unwrapped.config.enable_early_exit:   # the saving the exit heads buy, and its cost in held-out loss
+        from cortexlab.eval.early_exit import exit_tradeoff, exit_wall_clock
+
+        early_exit = {"tradeoff": exit_tradeoff(unwrapped, windows, batch_size=cfg.eval_batch_size),
+                      "wall_clock": exit_wall_clock(unwrapped, windows[:16])}
     return {"config": jsonable(asdict(cfg)), "model_config": json.loads(unwrapped.config.to_json()),
             "parameters": unwrapped.num_parameters(),
             "data": {"train": train.describe(), "heldout": heldout.describe(),
                      "eval_windows": len(windows), "tokenizer": f"byte-level BPE, {cfg.vocab_size} entries, "
                                                                "trained on the train split"},
-            "heldout": final, "evals": evals, "history": history, "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(time.time() - t_start, 1), "model": unwrapped}
+            "heldout": final, "early_exit": early_exit, "evals": evals, "history": history,
+            "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1),
+            "model": unwrapped}
 
 
-def train_lm_ablation(cfg: LMTrainConfig, variants=None, *, checkpoint_root=None, resume: bool = False,
-                      progress: bool = True) -> dict:
-    """Train `cfg` once per variant (name -> NeuroLlamaConfig overrides); held-out loss of each vs the baseline."""
+def train_lm_ablation(cfg: LMTrainConfig, variants=None, *, seeds=(0,), checkpoint_root=None, resume: bool = False,
+                      progress: bool = True, on_run=None) -> dict:
+    """Train `cfg` once per variant (name -> NeuroLlamaConfig overrides) and seed; held-out loss vs the baseline.
+
+    The table gives, per variant, the held-out loss per seed, its mean, and the mean of the paired differences
+    to the baseline trained with the same seed. `on_run(partial_result)` is called after every run (e.g. to
+    save progress).
+    """
     variants = ABLATION_VARIANTS if variants is None else variants
     if "baseline" not in variants:
         raise ValueError(f"variants must include 'baseline' (every mechanism off), got {sorted(variants)}")
-    runs = {}
-    for name, overrides in variants.items():
-        run_cfg = LMTrainConfig(**{**asdict(cfg), "overrides": {**cfg.overrides, **overrides}})
-        result = train_lm(run_cfg, checkpoint_dir=None if checkpoint_root is None else Path(checkpoint_root) / name,
-                          resume=resume, progress=progress)
-        result.pop("model")
-        runs[name] = result
-    base = runs["baseline"]["heldout"]["loss"]
-    table = {name: {"heldout_loss": round(r["heldout"]["loss"], 5),
-                    "delta_vs_baseline": round(r["heldout"]["loss"] - base, 5),
-                    "parameters": r["parameters"], "train_seconds": r["train_seconds"]} for name, r in runs.items()}
-    return {"table": table, "runs": runs}
+    if not seeds or not all(isinstance(x, int) for x in seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    runs: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for name, overrides in variants.items():
+            run_cfg = LMTrainConfig(**{**asdict(cfg), "seed": seed, "overrides": {**cfg.overrides, **overrides}})
+            folder = None if checkpoint_root is None else Path(checkpoint_root) / f"{name}-seed{seed}"
+            result = train_lm(run_cfg, checkpoint_dir=folder, resume=resume, progress=progress)
+            result.pop("model")
+            runs.setdefault(name, {})[seed] = result
+            if on_run is not None:
+                on_run({"table": _ablation_table(runs), "runs": runs})
+    return {"table": _ablation_table(runs), "runs": runs}
+
+
+def _ablation_table(runs: dict) -> dict:
+    """Per variant: held-out loss per seed and its mean; paired mean difference to the same-seed baseline."""
+    base = {seed: r["heldout"]["loss"] for seed, r in runs.get("baseline", {}).items()}
+    table = {}
+    for name, by_seed in runs.items():
+        losses = {seed: r["heldout"]["loss"] for seed, r in by_seed.items()}
+        paired = [losses[seed] - base[seed] for seed in losses if seed in base]
+        table[name] = {"heldout_loss": {str(seed): round(x, 5) for seed, x in losses.items()},
+                       "mean_heldout_loss": round(sum(losses.values()) / len(losses), 5),
+                       "mean_delta_vs_baseline": round(sum(paired) / len(paired), 5) if paired else None,
+                       "final_train_loss": {str(seed): r["history"][-1]["loss"] for seed, r in by_seed.items()},
+                       "parameters": next(iter(by_seed.values()))["parameters"],
+                       "train_seconds": {str(seed): r["train_seconds"] for seed, r in by_seed.items()}}
+    return table
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,6 +333,7 @@ def add_cli(sub) -> None:
         if name == "neuro-ablation":
             p.add_argument("--variants", default=",".join(ABLATION_VARIANTS),
                            help=f"comma-separated subset of {', '.join(ABLATION_VARIANTS)}")
+            p.add_argument("--seeds", default="0", help="comma-separated seeds; every variant is trained per seed")
         p.set_defaults(run=run_cli)
 
 
@@ -326,9 +358,11 @@ def run_cli(args, command: str) -> dict:
     unknown = sorted(set(names) - set(ABLATION_VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; valid: {', '.join(ABLATION_VARIANTS)}")
-    result = train_lm_ablation(cfg, {n: ABLATION_VARIANTS[n] for n in names}, checkpoint_root=checkpoints,
-                               resume=args.resume, progress=not args.no_progress)
-    write_json_atomic(out, {**meta, "experiment": "NeuroLlama mechanism ablation (small preset, stdlib text)",
-                            "metric": "mean next-token cross-entropy (nats/token) on held-out stdlib modules",
-                            **result})
+    header = {**meta, "experiment": "NeuroLlama mechanism ablation (small preset, stdlib text)",
+              "metric": "mean next-token cross-entropy (nats/token) on held-out stdlib modules"}
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    result = train_lm_ablation(cfg, {n: ABLATION_VARIANTS[n] for n in names}, seeds=seeds, checkpoint_root=checkpoints,
+                               resume=args.resume, progress=not args.no_progress,
+                               on_run=lambda partial: write_json_atomic(out, {**header, "complete": False, **partial}))
+    write_json_atomic(out, {**header, "complete": True, **result})
     return {"out": str(out), "table": result["table"]}
