@@ -217,7 +217,7 @@ def gpu_suite(plan: dict, log) -> dict:
         log("\n[gpu] " + msg)
         return {"skipped": msg}
     cfg = plan["gpu_config"]
-    impls = ["triton", "chunk"]
+    impls = ["triton", "chunk", "transformers"]
     errors = {}
     try:
         import fla.ops.gated_delta_rule  # noqa: F401
@@ -253,9 +253,10 @@ def gpu_suite(plan: dict, log) -> dict:
                      "max_abs_diff_vs_chunk_fp32": diffs[n]})
     by = {r["impl"]: r for r in rows}
     ratios = {}
-    if "triton" in by and "fla" in by:
-        ratios = {"fwd_speedup_vs_fla": by["fla"]["fwd_s"] / by["triton"]["fwd_s"],
-                  "fwdbwd_speedup_vs_fla": by["fla"]["fwdbwd_s"] / by["triton"]["fwdbwd_s"]}
+    for peer in ("fla", "transformers", "chunk"):   # speed-up of the Triton kernels = peer time / triton time
+        if "triton" in by and peer in by:
+            ratios[f"fwd_speedup_vs_{peer}"] = by[peer]["fwd_s"] / by["triton"]["fwd_s"]
+            ratios[f"fwdbwd_speedup_vs_{peer}"] = by[peer]["fwdbwd_s"] / by["triton"]["fwdbwd_s"]
     return {"device": torch.cuda.get_device_name(0), "rows": rows, "ratios": ratios, "errors": errors}
 
 
@@ -315,6 +316,7 @@ def main(argv=None) -> int:
                         help="time the recurrence on this many tokens and extrapolate linearly "
                              "(set it to the full T to time it in full)")
     parser.add_argument("--out", default=str(REPO / "results" / "bench_gated_delta_cpu.json"))
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU suite (Triton vs its peers on CUDA)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -342,14 +344,17 @@ def main(argv=None) -> int:
     log(f"torch {env['torch']}, transformers {env['transformers']}, threads {args.threads}, "
         f"load average {env['load_average_before'][0]:.2f}")
 
-    check_cfg = plan["check_config"]
-    check = {"config": check_cfg,
-             "vs_recurrent": max_abs_diffs(check_cfg, ["chunk", "transformers"], "recurrent"),
-             "chunk_vs_transformers": max_abs_diffs(check_cfg, ["transformers"], "chunk")["transformers"]}
-    rows, ratios = cpu_suite(plan, args.threads, log)
-    memory = memory_suite(plan, args.threads, log)
+    check = rows = ratios = memory = None
+    if not args.gpu_only:
+        check_cfg = plan["check_config"]
+        check = {"config": check_cfg,
+                 "vs_recurrent": max_abs_diffs(check_cfg, ["chunk", "transformers"], "recurrent"),
+                 "chunk_vs_transformers": max_abs_diffs(check_cfg, ["transformers"], "chunk")["transformers"]}
+        rows, ratios = cpu_suite(plan, args.threads, log)
+        memory = memory_suite(plan, args.threads, log)
     gpu = gpu_suite(plan, log)
-    print_table(rows, ratios, memory, check, log)
+    if not args.gpu_only:
+        print_table(rows, ratios, memory, check, log)
     if gpu.get("rows"):
         log(f"\nGPU ({gpu['device']}, bf16):")
         for r in gpu["rows"]:

@@ -56,7 +56,8 @@ ABLATION_VARIANTS = {
     "synaptic_matrix": {"enable_synaptic_modulation": True, "synaptic_mode": "full_matrix"},
     "columns": {"enable_cortical_columns": True, "enable_lateral_inhibition": True},
     "predictive_coding": {"enable_predictive_coding": True},
-    "hebbian": {"enable_hebbian_attention": True, "hebbian_lr": 0.1},   # the default 0.01 barely moves logits
+    "hebbian": {"enable_hebbian_attention": True},                       # the design's rate, hebbian_lr = 0.01
+    "hebbian_strong": {"enable_hebbian_attention": True, "hebbian_lr": 0.1},
     "habituation": {"enable_habituation": True},
     "population": {"enable_population_coding": True},
     "early_exit": {"enable_early_exit": True},
