@@ -46,3 +46,34 @@ def test_wall_clock_runs_fewer_layers_and_restores_the_threshold(model):
             pass
     with pytest.raises(ValueError, match="early exit"):
         exit_tradeoff(create_neurollama("small", **{**TINY, "enable_early_exit": False}), windows)
+
+
+def test_exit_heads_train_with_the_backbone_frozen(model):
+    from cortexlab.train.exits import train_exit_heads
+
+    windows = torch.arange(97).repeat(4)[:4 * 33].view(4, 33) % 97       # a predictable sequence
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    heads = {n for n, _ in model.mechanisms.early_exit.named_parameters()}
+    losses = train_exit_heads(model, windows, steps=40, batch_size=2, lr=3e-2, progress=False)
+    assert losses[-1] < losses[0] - 0.2          # the heads learn (the shared random lm_head limits how far)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.split("early_exit.", 1)[-1] in heads for n in changed)    # only the heads moved
+    assert all(p.requires_grad for p in model.parameters())                              # flags restored
+    with pytest.raises(ValueError, match="windows"):
+        train_exit_heads(model, torch.zeros(3, dtype=torch.long))
+
+
+def test_adapt_threshold_raises_tau_after_wrong_exits(model):
+    from cortexlab.eval.early_exit import adapt_threshold
+
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)            # confident heads
+        for head in model.mechanisms.early_exit.heads.values():   # and early answers that disagree with the full model
+            for p in head.parameters():
+                if p.dim() == 2:
+                    p.normal_(std=1.0)
+    start = model.mechanisms.exit_controller.threshold
+    result = adapt_threshold(model, torch.randint(0, 97, (12, 9), generator=torch.Generator().manual_seed(3)))
+    assert len(result["threshold"]) == 12
+    if result["error_rate"][-1] > result["target_error_rate"]:
+        assert result["threshold"][-1] > start

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cortexlab.neuro.early_exit import exit_confidence
 
-__all__ = ["exit_threshold", "exit_tradeoff", "exit_wall_clock"]
+__all__ = ["adapt_threshold", "exit_threshold", "exit_tradeoff", "exit_wall_clock"]
 
 
 def _engine(model):
@@ -120,3 +120,37 @@ def exit_wall_clock(model, windows: torch.Tensor, thresholds=(0.5, 0.7, 0.9), *,
             "device": device.type, "seconds": median,
             "ratio_to_full": {k: round(v / median["full"], 4) for k, v in median.items()},
             "mean_exit_layer": depth}
+
+
+@torch.no_grad()
+def adapt_threshold(model, windows: torch.Tensor) -> dict:
+    """Run the model's own exits window by window and feed their correctness back to its controller.
+
+    For each window [T+1] the model answers the next token after window[:-1] (exiting where confident);
+    an early answer counts as correct when it equals the full model's argmax. The controller
+    (`AdaptiveComputationController.update`) then moves tau. Returns the threshold after each step, the
+    running error rate of the early answers, and the exit layer of each step.
+    """
+    mech = _engine(model)
+    controller = mech.exit_controller
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    thresholds, error_rates, exit_layers, errors, exits = [], [], [], 0, 0
+    for window in windows:
+        x = window[None, :-1].to(device)
+        out = model(x)
+        correct = None
+        if out["system_type"] == "system1":
+            full = model(x, labels=x)["logits"][0, -1].argmax()
+            correct = bool(out["logits"][0, -1].argmax() == full)
+            exits += 1
+            errors += not correct
+        controller.update(correct)
+        thresholds.append(controller.threshold)
+        error_rates.append(errors / exits if exits else 0.0)
+        exit_layers.append(out["exit_layer"])
+    model.train(was_training)
+    return {"threshold": thresholds, "error_rate": error_rates, "exit_layer": exit_layers,
+            "target_error_rate": controller.config.target_error_rate}
+
