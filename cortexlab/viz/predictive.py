@@ -8,9 +8,12 @@ import plotly.graph_objects as go
 
 
 def training_figure(losses: Sequence[float], baselines: Mapping[str, float] | None = None, *,
-                    ylabel: str = "mean surprise", title: str | None = None) -> go.Figure:
-    """A training curve with horizontal baselines ({name: value}, e.g. held-out results and chance)."""
+                    heldout: Sequence[float] | None = None, ylabel: str = "mean surprise",
+                    title: str | None = None) -> go.Figure:
+    """A training curve, optionally the held-out curve beside it, with horizontal baselines ({name: value})."""
     fig = go.Figure(go.Scatter(y=list(losses), mode="lines", name="training loss"))
+    if heldout is not None:
+        fig.add_trace(go.Scatter(y=list(heldout), mode="lines", name="held-out loss"))
     for name, value in (baselines or {}).items():
         fig.add_hline(y=value, line_dash="dot", annotation_text=f"{name}: {value:.3f}")
     fig.update_layout(xaxis_title="step", yaxis_title=ylabel, title=title or "training")
