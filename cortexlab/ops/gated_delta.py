@@ -70,10 +70,14 @@ def validate_inputs(q, k, v, g, beta, initial_state, *, scale, chunk_size, backe
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" means the Triton kernels on CUDA and the torch chunked path elsewhere."""
+TRITON_MAX_HEAD_DIM = 64   # on an H200 the backward kernel needs more shared memory than the chip has at D = 128
+
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> str:
+    """"auto" means the Triton kernels on CUDA (head dims up to TRITON_MAX_HEAD_DIM) and the torch chunked path
+    otherwise."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "chunk"
+        return "triton" if device.type == "cuda" and head_dim <= TRITON_MAX_HEAD_DIM else "chunk"
     return backend
 
 
@@ -103,7 +107,7 @@ def gated_delta_rule(
         output_final_state: also return the fp32 state after the last token.
         chunk_size: tokens per chunk for the chunked backends (any T is accepted).
         backend: "recurrent" (sequential oracle), "chunk" (torch), "triton" (kernels; CPU
-            tensors need TRITON_INTERPRET=1) or "auto" (triton on CUDA, chunk otherwise).
+            tensors need TRITON_INTERPRET=1) or "auto" (triton on CUDA for head dims <= 64, chunk otherwise).
         use_qk_l2norm: L2-normalise q and k over D_k first (as transformers and fla do).
         allow_neg_eigval: accept beta in [0, 2] instead of [0, 1].
 
@@ -117,7 +121,7 @@ def gated_delta_rule(
     if use_qk_l2norm:
         q = F.normalize(q.float(), dim=-1, eps=1e-6).to(q.dtype)
         k = F.normalize(k.float(), dim=-1, eps=1e-6).to(k.dtype)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, max(k.shape[-1], v.shape[-1]))
     if backend == "recurrent":
         o, state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
         o = o.to(v.dtype)
