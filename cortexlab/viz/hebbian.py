@@ -30,10 +30,12 @@ def bias_heatmap(bias: torch.Tensor, tokens: Sequence[str] | None = None, *, tit
     if not isinstance(bias, torch.Tensor) or bias.ndim != 2 or bias.shape[0] != bias.shape[1]:
         raise ValueError(f"bias must be a square [T, T] tensor, got {getattr(bias, 'shape', bias)!r}")
     T = bias.shape[0]
-    z = bias.detach().float().masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("nan"))
+    z = bias.detach().float()
+    lim = float(z.tril().abs().max()) or 1.0
+    # None (not NaN) for the blank triangle: NaN is not valid JSON and can stall a Jupyter kernel's output.
+    rows = [[v if j <= i else None for j, v in enumerate(row)] for i, row in enumerate(z.tolist())]
     labels = _labels(tokens, T)
-    lim = float(z.nan_to_num(0).abs().max()) or 1.0
-    fig = go.Figure(go.Heatmap(z=z.tolist(), x=labels, y=labels, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+    fig = go.Figure(go.Heatmap(z=rows, x=labels, y=labels, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
                                colorbar=dict(title="bias"),
                                hovertemplate="query %{y}<br>key %{x}<br>bias %{z:.3f}<extra></extra>"))
     for s0, s1 in spans:
