@@ -10,15 +10,9 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 import torch
 
+from .labels import token_labels
+
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-
-
-def _labels(tokens: Sequence[str] | None, n: int) -> list[str]:
-    if tokens is None:
-        return [str(i) for i in range(n)]
-    if len(tokens) != n:
-        raise ValueError(f"{len(tokens)} tokens for {n} positions")
-    return [f"{i}:{t!r}"[:24] for i, t in enumerate(tokens)]
 
 
 def habituation_map_figure(hmap: torch.Tensor, tokens: Sequence[str] | None = None, *,
@@ -27,7 +21,7 @@ def habituation_map_figure(hmap: torch.Tensor, tokens: Sequence[str] | None = No
     if not isinstance(hmap, torch.Tensor) or hmap.ndim != 2:
         raise ValueError(f"hmap must be a [H, T] tensor, got {getattr(hmap, 'shape', hmap)!r}")
     H, T = hmap.shape
-    fig = go.Figure(go.Heatmap(z=hmap.detach().float().tolist(), x=_labels(tokens, T),
+    fig = go.Figure(go.Heatmap(z=hmap.detach().float().tolist(), x=token_labels(tokens, T),
                                y=[f"head {h}" for h in range(H)], colorscale="Viridis", zmin=0,
                                zmax=zmax, colorbar=dict(title="h"),
                                hovertemplate="%{y}<br>key %{x}<br>h = %{z:.3f}<extra></extra>"))
@@ -54,7 +48,7 @@ def token_bars(values: torch.Tensor, tokens: Sequence[str], *, title: str, yaxis
     """One bar per token (e.g. the novelty boost); `highlight` positions in red."""
     vals = [float(v) for v in values]
     colors = ["#d62728" if i in set(highlight) else "#1f77b4" for i in range(len(vals))]
-    fig = go.Figure(go.Bar(x=_labels(tokens, len(vals)), y=vals, marker_color=colors))
+    fig = go.Figure(go.Bar(x=token_labels(tokens, len(vals)), y=vals, marker_color=colors))
     fig.update_layout(title=title, height=height, yaxis_title=yaxis, xaxis=dict(tickangle=-60))
     return fig
 

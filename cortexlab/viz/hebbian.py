@@ -10,15 +10,9 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 import torch
 
+from .labels import token_labels
+
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-
-
-def _labels(tokens: Sequence[str] | None, n: int) -> list[str]:
-    if tokens is None:
-        return [str(i) for i in range(n)]
-    if len(tokens) != n:
-        raise ValueError(f"{len(tokens)} tokens for {n} positions")
-    return [f"{i}:{t!r}"[:24] for i, t in enumerate(tokens)]
 
 
 def bias_heatmap(bias: torch.Tensor, tokens: Sequence[str] | None = None, *, title: str = "Hebbian bias",
@@ -34,7 +28,7 @@ def bias_heatmap(bias: torch.Tensor, tokens: Sequence[str] | None = None, *, tit
     lim = float(z.tril().abs().max()) or 1.0
     # None (not NaN) for the blank triangle: NaN is not valid JSON and can stall a Jupyter kernel's output.
     rows = [[v if j <= i else None for j, v in enumerate(row)] for i, row in enumerate(z.tolist())]
-    labels = _labels(tokens, T)
+    labels = token_labels(tokens, T)
     fig = go.Figure(go.Heatmap(z=rows, x=labels, y=labels, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
                                colorbar=dict(title="bias"),
                                hovertemplate="query %{y}<br>key %{x}<br>bias %{z:.3f}<extra></extra>"))
