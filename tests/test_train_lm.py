@@ -73,3 +73,12 @@ def test_bad_config():
         tiny_cfg(preset="1T")
     with pytest.raises(ValueError, match="hidden_dim|num_heads"):
         tiny_cfg(overrides={**TINY, "num_heads": 5})
+
+
+def test_a_fresh_run_removes_only_its_own_checkpoints(tmp_path):
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    train_lm(tiny_cfg(steps=2, checkpoint_every=1, eval_every=2), progress=False, checkpoint_dir=tmp_path)
+    train_lm(tiny_cfg(steps=1, checkpoint_every=1, eval_every=1), progress=False, checkpoint_dir=tmp_path)
+    assert keep.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000001"]

@@ -197,8 +197,10 @@ def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, p
                                  "use another --checkpoint-dir or drop --resume")
             start, history, evals, train_seconds = state["step"], state["history"], state["evals"], \
                 state["train_seconds"]
-    elif checkpoint_dir is not None and accelerator.is_main_process:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    elif checkpoint_dir is not None and accelerator.is_main_process:   # a fresh run: drop this recipe's old checkpoints
+        for old in checkpoint_dir.glob("step-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (checkpoint_dir / "latest.json").unlink(missing_ok=True)
 
     model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
