@@ -46,3 +46,12 @@ def trained_block(cfg, d_model=32, seed=0):
             if p.dim() > 1:
                 p.normal_(std=0.3)
     return block
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a shared 2-core machine (100x slower otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from cortexlab.neuro.config import NeuroLlamaConfig
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine (100x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_hf(seed=0, tie=False, **overrides):

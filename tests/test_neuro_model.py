@@ -18,13 +18,7 @@ ALL_ON = dict(enable_synaptic_modulation=True, enable_cortical_columns=True, ena
 COMBOS = [("static", "confidence"), ("full_matrix", "entropy"), ("context_dependent", "tuning_curve")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides):

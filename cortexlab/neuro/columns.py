@@ -17,6 +17,8 @@ import numbers
 import torch
 from torch import nn
 
+from .checks import check_positive_int
+
 TIERS = ("syntactic", "semantic", "abstract")
 # the design's table: brain analogy, specialisation, and a target mix over TIERS for a layer of that tier
 TIER_INFO = {
@@ -24,11 +26,6 @@ TIER_INFO = {
     "semantic": ("V4/IT", "Mid-level meaning, phrase structure", (0.1, 0.7, 0.2)),
     "abstract": ("PFC", "High-level reasoning, goal alignment", (0.1, 0.2, 0.7)),
 }
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_index(name: str, value, size: int) -> None:
@@ -83,7 +80,7 @@ class CorticalColumnAttention(nn.Module):
     def __init__(self, num_groups: int, heads_per_group: int, head_dim: int):
         super().__init__()
         for name, value in (("num_groups", num_groups), ("heads_per_group", heads_per_group), ("head_dim", head_dim)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         self.num_groups, self.heads_per_group, self.head_dim = int(num_groups), int(heads_per_group), int(head_dim)
         self.num_heads = self.num_groups * self.heads_per_group
 
@@ -150,7 +147,7 @@ class LateralInhibition(nn.Module):
 
     def __init__(self, num_groups: int, max_inhibition: float = 0.5):
         super().__init__()
-        _check_positive_int("num_groups", num_groups)
+        check_positive_int("num_groups", num_groups)
         if (
             not isinstance(max_inhibition, numbers.Real)
             or isinstance(max_inhibition, bool)
@@ -211,8 +208,8 @@ class HierarchicalColumnOrganizer:
     """
 
     def __init__(self, num_layers: int, num_groups: int):
-        _check_positive_int("num_layers", num_layers)
-        _check_positive_int("num_groups", num_groups)
+        check_positive_int("num_layers", num_layers)
+        check_positive_int("num_groups", num_groups)
         self.num_layers, self.num_groups = int(num_layers), int(num_groups)
         # integer form of (l + 0.5) / L < 10/32 (resp. 20/32): 32 (2l + 1) < 20 L (resp. 40 L)
         self._tier_index = [

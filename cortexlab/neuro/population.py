@@ -22,12 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_positive_int
+
 VOTING_METHODS = ("tuning_curve", "confidence", "entropy")
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _positive_number(name: str, value, *, allow_inf: bool = False) -> None:
@@ -73,8 +70,8 @@ class ConfidenceWeightedVoting(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, threshold: float = 0.1):
         super().__init__()
-        _positive_int("num_heads", num_heads)
-        _positive_int("head_dim", head_dim)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("head_dim", head_dim)
         if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 1):
             raise ValueError(f"threshold must lie in [0, 1), got {threshold!r}")
         self.num_heads, self.head_dim, self.threshold = num_heads, head_dim, threshold
@@ -116,7 +113,7 @@ class EntropyBasedVoting(nn.Module):
 
     def __init__(self, num_heads: int, temperature: float = 1.0):
         super().__init__()
-        _positive_int("num_heads", num_heads)
+        check_positive_int("num_heads", num_heads)
         _positive_number("temperature", temperature, allow_inf=True)
         self.num_heads, self.temperature = num_heads, temperature
 
@@ -162,7 +159,7 @@ class PopulationConfig:
 
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "hidden_dim"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.voting_method not in VOTING_METHODS:
             raise ValueError(f"voting_method must be one of {VOTING_METHODS}, got {self.voting_method!r}")
         _positive_number("tuning_width", self.tuning_width, allow_inf=True)

@@ -17,10 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+from .checks import check_positive_int
 
 
 def _check_finite_number(name: str, value) -> None:
@@ -54,7 +51,7 @@ class SynapticScaling(nn.Module):
 
     def __init__(self, num_heads: int, init_alpha: float = 1.0, alpha_min: float = 0.1, alpha_max: float = 10.0):
         super().__init__()
-        _check_positive_int("num_heads", num_heads)
+        check_positive_int("num_heads", num_heads)
         for name, value in (("init_alpha", init_alpha), ("alpha_min", alpha_min), ("alpha_max", alpha_max)):
             _check_finite_number(name, value)
         if not 0 < alpha_min <= alpha_max:
@@ -110,10 +107,10 @@ class NeuromodulatedAttention(nn.Module):
 
     def __init__(self, hidden_dim: int, num_heads: int, bottleneck: int | None = None):
         super().__init__()
-        _check_positive_int("hidden_dim", hidden_dim)
-        _check_positive_int("num_heads", num_heads)
+        check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("num_heads", num_heads)
         bottleneck = max(num_heads, hidden_dim // 16) if bottleneck is None else bottleneck
-        _check_positive_int("bottleneck", bottleneck)
+        check_positive_int("bottleneck", bottleneck)
         self.hidden_dim, self.num_heads, self.bottleneck = int(hidden_dim), int(num_heads), int(bottleneck)
         self.fc1 = nn.Linear(self.hidden_dim, self.bottleneck)
         self.fc2 = nn.Linear(self.bottleneck, self.num_heads)
@@ -164,8 +161,8 @@ class SynapticModulationMatrix(nn.Module):
 
     def __init__(self, head_dim: int, window_size: int):
         super().__init__()
-        _check_positive_int("head_dim", head_dim)
-        _check_positive_int("window_size", window_size)
+        check_positive_int("head_dim", head_dim)
+        check_positive_int("window_size", window_size)
         self.head_dim, self.window_size = int(head_dim), int(window_size)
         self.weight = nn.Parameter(torch.zeros(self.head_dim, self.head_dim))
 
