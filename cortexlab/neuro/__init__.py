@@ -9,6 +9,8 @@
   (stimulus-specific adaptation, cross-layer decay, novelty), `population` (head voting), `early_exit`
   (System 1 / System 2 exits and the adaptive threshold).
 - `objectives`: the five brain-inspired training losses and `NeuroCompositeLoss`.
+- `temperature`: adaptive head temperature (homeostatic gain control of attention entropy).
+- `hooks`: `InferenceHookPipeline`, the mechanisms as inference-time hooks on any pretrained HF decoder.
 """
 from .backbone import NeuroLlamaModel, create_neurollama, from_hf_llama, load_llama_state_dict
 from .columns import CorticalColumnAttention, HierarchicalColumnOrganizer, LateralInhibition
@@ -22,6 +24,7 @@ from .early_exit import (
 )
 from .habituation import AttentionDecay, HabituatingAttention, HabituationConfig, NoveltyDetector
 from .hebbian import HebbianAttention, HebbianConfig, RewardModulatedHebbian
+from .hooks import InferenceHookConfig, InferenceHookPipeline
 from .objectives import (
     CalibrationLoss,
     CoherenceLoss,
@@ -34,12 +37,15 @@ from .objectives import (
 from .population import ConfidenceWeightedVoting, EntropyBasedVoting, PopulationCodedAttention, PopulationConfig
 from .predictive import ContrastivePredictiveCoding, PredictiveCodingConfig, PredictiveCodingLayer
 from .synaptic import NeuromodulatedAttention, SynapticModulationMatrix, SynapticScaling
+from .temperature import AdaptiveHeadTemperature
 
 __all__ = [
-    "MECHANISM_TOGGLES", "PRESETS", "AdaptiveComputationController", "AttentionDecay", "CalibrationLoss",
+    "MECHANISM_TOGGLES", "PRESETS", "AdaptiveComputationController", "AdaptiveHeadTemperature", "AttentionDecay",
+    "CalibrationLoss",
     "CoherenceLoss", "ConfidenceWeightedVoting", "ContrastivePredictiveCoding", "CorticalColumnAttention",
     "EarlyExitConfig", "EarlyExitEngine", "EfficiencyLoss", "EntropyBasedVoting", "HabituatingAttention",
-    "HabituationConfig", "HebbianAttention", "HebbianConfig", "HierarchicalColumnOrganizer", "LateralInhibition",
+    "HabituationConfig", "HebbianAttention", "HebbianConfig", "HierarchicalColumnOrganizer", "InferenceHookConfig",
+    "InferenceHookPipeline", "LateralInhibition",
     "NeuroCompositeLoss", "NeuroLlamaConfig", "NeuroLlamaModel", "NeuromodulatedAttention", "NoveltyDetector",
     "PopulationCodedAttention", "PopulationConfig", "PredictiveCodingConfig", "PredictiveCodingLayer",
     "RewardModulatedHebbian", "SpecializationLoss", "SurpriseLoss", "SynapticModulationMatrix", "SynapticScaling",

@@ -131,7 +131,7 @@ class HebbianAttention(nn.Module):
         r = torch.ones(B, device=q.device) if reward is None else reward
         lam_pow = cfg.decay_rate ** torch.arange(Tq + 1, device=q.device, dtype=torch.float32)       # lam^i, i<=Tq
         carry = 1 - r.abs().clamp(max=1)[:, None] * (1 - lam_pow)                                    # c_i [B, Tq+1]
-        kbar = torch.matmul(torch.softmax(scores.float(), dim=-1), k)                                # [B,H,Tq,D]
+        kbar = torch.matmul(torch.softmax(scores.float(), dim=-1).nan_to_num(0.0), k)   # [B,H,Tq,D]; 0: padding row
         trace = self._trace_weights(Tq, q.device)                                                    # Lam [Tq, Tq]
         qf = q.float()
         gain = (r * cfg.learning_rate * scale)[:, None, None, None]
