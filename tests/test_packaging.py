@@ -41,6 +41,7 @@ def test_built_wheel_ships_kernels_under_cortexlab(tmp_path):
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels/ was packaged"
     for name in KERNEL_FILES:
         assert f"cortexlab/kernels/{name}" in names
+    assert "cortexlab/data/prompts/repetition_prompts.json" in names      # package data (the hooks' prompt set)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     found = python(

@@ -5,7 +5,8 @@ the attention of any transformers-5 decoder (Llama, Qwen2, Qwen3, Mistral, SmolL
 with scores s = scale q k^T [B, H, Tq, Tk] (causal and padding mask as -inf):
 
     pre-attention   s <- g s                        adaptive temperature (`AdaptiveHeadTemperature`)
-                    s <- s + eta scale q^T H k      Hebbian co-activation (`HebbianAttention.score_bias`)
+                    s <- s + eta scale q^T H k      Hebbian co-activation (`HebbianAttention.score_bias`;
+                                                    q, k unit-normalised by default)
                     s <- s + log(1 - h)             habituation of over-attended keys (`HabituatingAttention`)
     attention       A = softmax(s)
     post-attention  S_hi = entropy of A_hi          (kept for plots; what the voting reads)
@@ -19,10 +20,11 @@ every head's attention by design, and suppressing them breaks the model rather t
 
 Attached (`attach(model)`), the model's attention runs through `AttentionInterface` under a name
 of this pipeline, with a matching entry in `AttentionMaskInterface` that builds a boolean causal
-mask (transformers builds no mask at all for an attention name it does not know). The function is
-eager attention in fp32 (float64 for a float64 model) with the hooks in between; with every hook
-disabled it gives the model's own eager attention exactly and its SDPA attention to 1e-5 (in fp32 the
-two differ by float rounding, ~1e-4 on SmolLM2's logits of ~30; in float64, tested, by ~0).
+mask (transformers builds no mask at all for an attention name it does not know). On a layer a hook
+acts on, the function is eager attention in fp32 (float64 for a float64 model) with the hooks in
+between; elsewhere it is transformers' SDPA with that mask. With every hook at its neutral setting
+the logits equal the unhooked model's (to rounding: tested to 1e-6 on tiny models; eager and SDPA
+differ by ~1e-4 on SmolLM2's fp32 logits of ~30, and by ~1e-13 in float64, tested <= 1e-5).
 `detach()` restores the model's own attention implementation.
 
 Memory and compute per layer and call, beyond eager attention's own [B, H, Tq, Tk] scores and
@@ -40,7 +42,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cortexlab.cortex.wrap import decoder_layers
@@ -66,7 +70,9 @@ def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
 class InferenceHookConfig:
     """Which hooks act, on which decoder layers (0-based indices or "all"), and their settings.
 
-    Hebbian: eta (bias scale), learning_rate, decay (per token), max_norm (Frobenius clip per head).
+    Hebbian: eta (bias scale), learning_rate, decay (per token), max_norm (Frobenius clip per head),
+    normalize (use unit-length q and k: a pretrained model's q/k norms of 10-20 would otherwise make the
+    bias, quadratic in both, swamp the scores even at eta = 0.01; measured on SmolLM2).
     Habituation: habituation_rate, recovery_rate, attention_threshold, max_habituation (see
     `HabituationConfig`), sink_tokens (first keys never habituated). Temperature: strength and target
     (None: each head's causal running mean). Voting: voting_temperature (inf: uniform = neutral).
@@ -81,6 +87,7 @@ class InferenceHookConfig:
     hebbian_learning_rate: float = 0.01
     hebbian_decay: float = 0.99
     hebbian_max_norm: float = 10.0
+    hebbian_normalize: bool = True
     habituation_rate: float = 0.1
     recovery_rate: float = 0.01
     attention_threshold: float = 0.1
@@ -93,7 +100,8 @@ class InferenceHookConfig:
     _habituation: HabituationConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("enable_hebbian", "enable_habituation", "enable_temperature", "enable_voting"):
+        for name in ("enable_hebbian", "enable_habituation", "enable_temperature", "enable_voting",
+                     "hebbian_normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.layers != "all":
@@ -276,7 +284,9 @@ class InferenceHookPipeline:
         if hooks.temperature is not None:
             scores = hooks.temperature(scores, use_cache=continuing)
         if self.config.enable_hebbian:
-            scores = scores + hooks.hebbian_for(query.shape[-1]).score_bias(query, key, scores)
+            q, k = (F.normalize(query.float(), dim=-1), F.normalize(key.float(), dim=-1)) \
+                if self.config.hebbian_normalize else (query, key)
+            scores = scores + hooks.hebbian_for(query.shape[-1]).score_bias(q, k, scores)
         if hooks.habituation is not None:
             novelty = None
             if self.config.sink_tokens:
@@ -324,11 +334,15 @@ class InferenceHookPipeline:
     # ---- attaching to a transformers model ---------------------------------------------------
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        """transformers' attention-function signature: eager attention with the hooks in between.
+        """transformers' attention-function signature: eager attention with the hooks in between (SDPA
+        on a layer no enabled hook acts on).
 
         query [B, H, Tq, D], key/value [B, H_kv, Tk, D] (cache included) -> ([B, Tq, H, D], probs [B, H, Tq, Tk]).
         """
         layer = module.layer_idx
+        if not self.acts_on(layer):                  # nothing to do here: transformers' own SDPA, same mask
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
         B, H, Tq, D = query.shape
         Tk = key.shape[2]
         group = H // key.shape[1]
@@ -340,16 +354,12 @@ class InferenceHookPipeline:
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             scores = scores + attention_mask[..., -Tk:].to(dtype)
         scores = scores.masked_fill(~_allowed(attention_mask, Tq, Tk, query.device), -math.inf)
-        hooked = self.acts_on(layer)
-        if hooked:
-            scores = self.apply_pre_attention(scores, layer, query=query, key=key)
+        scores = self.apply_pre_attention(scores, layer, query=query, key=key)
         probs = scores.softmax(-1).nan_to_num(0.0)            # a fully masked (padding) row attends nowhere
-        if hooked:
-            self.apply_post_attention(probs, query, key, layer)
+        self.apply_post_attention(probs, query, key, layer)
         weights = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
         out = torch.matmul(weights.to(values.dtype), values).transpose(1, 2)
-        if hooked:
-            out = self.apply_output_aggregation(out, probs, layer)
+        out = self.apply_output_aggregation(out, probs, layer)
         return out.contiguous(), probs
 
     def attach(self, model) -> InferenceHookPipeline:

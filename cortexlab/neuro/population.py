@@ -118,13 +118,13 @@ class EntropyBasedVoting(nn.Module):
         self.num_heads, self.temperature = num_heads, temperature
 
     def head_weights(self, attention_weights: torch.Tensor) -> torch.Tensor:
-        """attention_weights [B, H, Tq, Tk] -> w [B, Tq, H], fp32."""
+        """attention_weights [B, H, Tq, Tk] -> w [B, Tq, H], fp32 (float64 for float64 weights)."""
         if not isinstance(attention_weights, torch.Tensor) or not attention_weights.is_floating_point():
             raise TypeError("attention_weights must be a floating-point tensor [B, H, Tq, Tk]")
         if attention_weights.ndim != 4 or attention_weights.shape[1] != self.num_heads:
             raise ValueError(f"attention_weights must have shape [B, {self.num_heads}, Tq, Tk], "
                              f"got {tuple(attention_weights.shape)}")
-        p = attention_weights.detach().float()
+        p = attention_weights.detach().to(torch.promote_types(attention_weights.dtype, torch.float32))
         entropy = -torch.xlogy(p, p).sum(-1)                                # [B, H, Tq]
         return torch.softmax(-entropy / self.temperature, dim=1).transpose(1, 2)
 
