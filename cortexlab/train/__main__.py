@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import lm, recall
+from . import lm, mqar, recall, smollm2_exits
 
 
 def main(argv=None) -> int:
@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="recipe", required=True)
     recall.add_cli(sub)
     lm.add_cli(sub)
+    smollm2_exits.add_cli(sub)
+    mqar.add_cli(sub)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
