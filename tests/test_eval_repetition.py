@@ -201,3 +201,9 @@ def test_habituation_in_a_padded_batch_equals_one_prompt_at_a_time(model, prompt
     assert together["mean"] == alone["mean"]
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         greedy_repetition(model, batch, 4, batch_size=0)
+
+
+def test_batched_habituation_without_a_sink_shield_is_refused():
+    pipe = InferenceHookPipeline(InferenceHookConfig(enable_habituation=True, sink_tokens=0))
+    with pytest.raises(ValueError, match="sink_tokens=0"):
+        greedy_repetition(tiny_model("llama"), [[1, 2, 3], [4, 5]], 4, pipeline=pipe, batch_size=2)

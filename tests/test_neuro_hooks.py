@@ -55,28 +55,58 @@ def test_each_hook_is_neutral_at_its_neutral_setting_and_acts_otherwise(hook):
     assert (acting - ref).abs().max() > 1e-4                       # logits of this random model are ~0.1
 
 
-def test_hooks_are_causal_and_respect_padding():
+def test_hooks_are_causal_and_respect_left_padding():
     model = tiny_model("qwen2")
     ids = ids_for(model, B=1, T=20)
     changed = ids.clone()
     changed[0, 12:] = (changed[0, 12:] + 7) % model.config.vocab_size
     pipe = InferenceHookPipeline(InferenceHookConfig(**ALL_ON, **STRONG))
+    padded_ids = torch.cat([torch.zeros(1, 5, dtype=ids.dtype), ids[:, 5:]], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 15, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad(), pipe.attached(model):
         a = model(ids).logits
         pipe.reset()
         b = model(changed).logits
-        # left padding: the padded row's real positions equal the unpadded sequence's
         pipe.reset()
         short = model(ids[:, 5:]).logits
+        short_map = pipe.habituation_map(1)
         pipe.reset()
-        padded_ids = torch.cat([torch.zeros(1, 5, dtype=ids.dtype), ids[:, 5:]], dim=1)
-        mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 15, dtype=torch.long)], dim=1)
-        padded = model(padded_ids, attention_mask=mask).logits
+        padded = model(padded_ids, attention_mask=mask, position_ids=positions).logits
+        padded_map = pipe.habituation_map(1)
     torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
-    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
-    # sink_tokens shields absolute key 0, which is a pad here: compare with the shield on the first real key
-    assert padded.shape == (1, 20, model.config.vocab_size) and torch.isfinite(padded[:, 5:]).all()
-    assert short.shape == (1, 15, model.config.vocab_size)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+    # left padding changes nothing: the sink shield moves to the first real key, padding queries are ignored
+    torch.testing.assert_close(padded[:, 5:], short, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_map[..., 5:], short_map, rtol=1e-5, atol=1e-6)
+
+
+def test_sink_shield_acts_on_the_scores_and_follows_left_padding():
+    T = 8
+    scores = torch.full((1, 1, T, T), -1.0)
+    scores[..., 2] = 5.0                                             # every query fixates on key 2
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    scores[..., :2] = -math.inf                                      # keys 0-1 are left padding
+    for sinks, shielded in ((1, True), (0, False)):
+        pipe = InferenceHookPipeline(InferenceHookConfig(enable_habituation=True, sink_tokens=sinks,
+                                                         habituation_rate=1.0))
+        out = pipe.apply_pre_attention(scores, 0)
+        assert torch.equal(out[..., 2], scores[..., 2]) == shielded
+        assert (float(pipe.habituation_map(0)[0, 0, 2]) == 0.0) == shielded
+
+
+def test_a_call_that_cannot_continue_raises_before_any_state_moves():
+    pipe = InferenceHookPipeline(InferenceHookConfig(**ALL_ON))
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 4, generator=gen), torch.randn(1, 2, 6, 4, generator=gen)
+    scores = (q @ k.transpose(-1, -2)).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf)
+    pipe.apply_pre_attention(scores, 0, query=q, key=k)
+    hebbian, temperature = pipe.hebbian_matrix(0), pipe._layers[0].temperature.entropy_sum.clone()
+    q2, k2 = torch.randn(1, 2, 1, 4, generator=gen), torch.randn(1, 2, 9, 4, generator=gen)
+    with pytest.raises(ValueError, match="reset"):                   # 9 keys do not continue 6
+        pipe.apply_pre_attention(q2 @ k2.transpose(-1, -2), 0, query=q2, key=k2)
+    assert torch.equal(pipe.hebbian_matrix(0), hebbian)
+    assert torch.equal(pipe._layers[0].temperature.entropy_sum, temperature)
 
 
 def test_padding_is_masked_exactly_with_hooks_disabled():

@@ -58,11 +58,19 @@ def test_running_set_point_is_causal_and_carried_across_calls():
     assert parts.temperature.shape == (2, 3, 1)
 
 
-def test_masked_entries_stay_masked_and_single_key_rows_are_untouched():
+def test_masked_entries_stay_masked_and_single_key_rows_get_the_fixed_target_gain():
     scores = masked_scores()
     out = AdaptiveHeadTemperature(3, 3.0, target=0.2)(scores)
     assert bool(torch.isneginf(out[torch.isneginf(scores)]).all())
     assert torch.equal(out[:, :, 0, 0], scores[:, :, 0, 0] * math.exp(3.0 * (0 - 0.2)))
+
+
+def test_padding_queries_do_not_move_the_set_point():
+    scores = masked_scores(B=1, T=10)
+    padded = torch.cat([torch.full((1, 3, 3, 13), -math.inf),                       # 3 padding queries
+                        torch.cat([torch.full((1, 3, 10, 3), -math.inf), scores], -1)], dim=2)
+    out = AdaptiveHeadTemperature(3, 2.0)(padded)
+    torch.testing.assert_close(out[:, :, 3:, 3:], AdaptiveHeadTemperature(3, 2.0)(scores))
 
 
 def test_reset_and_validation():

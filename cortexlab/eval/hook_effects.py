@@ -19,8 +19,9 @@
    window_tokens - 1 predictions. Per hook setting (temperature strength, voting temperature,
    Hebbian eta, habituation rate): mean_w L_w and the paired difference
    d_w = L_w(setting) - L_w(unhooked), reported as mean(d) +- sd(d)/sqrt(windows).
-   The pipeline attached with every hook disabled is checked against the unhooked model on the
-   first `eager_check_windows` windows.
+   The pipeline attached with every hook disabled (which hands every layer to SDPA through its own
+   mask function) is checked against the unhooked model on the first `eager_check_windows` windows;
+   the eager path itself is checked against the model in the test suite (tests/test_neuro_hooks.py).
 
 The unhooked model is always the baseline. Results (config, git revision, versions, the
 command, every number, per-prompt texts) go to --out; tables go to stdout. Time of the full run
@@ -220,7 +221,7 @@ def loss_experiment(model, tokenizer, plan: dict, log) -> dict:
     eager = window_losses(model, windows[:k], _pipeline(overrides=plan["hook_overrides"]))
     eager_check = {"windows": k, "per_window": eager,
                    "max_abs_diff_nats": max(abs(a - b) for a, b in zip(eager, base[:k]))}
-    log(f"  unhooked: {baseline['mean_nats']:.4f} nats/token; all hooks disabled (eager path) vs unhooked on "
+    log(f"  unhooked: {baseline['mean_nats']:.4f} nats/token; pipeline attached, all hooks disabled, vs unhooked on "
         f"{k} windows: max |diff| {eager_check['max_abs_diff_nats']:.2e}")
     rows = []
     for param, values in plan["loss_settings"].items():

@@ -184,6 +184,9 @@ def greedy_repetition(model, prompts: Sequence, max_new_tokens: int, *, pipeline
         if batch_size > 1 and (cfg.enable_hebbian or cfg.enable_temperature):
             raise ValueError("batch_size must be 1 with the Hebbian or temperature hook enabled: their state "
                              "is shared by the batch (Hebbian) or counts the padding queries (temperature)")
+        if batch_size > 1 and cfg.enable_habituation and cfg.sink_tokens == 0:
+            raise ValueError("batch_size must be 1 with habituation and sink_tokens=0: padding queries attend "
+                             "the kept first token, which is then habituated unless it is shielded")
         keep_first = max(1, cfg.sink_tokens)
     attach = contextlib.nullcontext() if pipeline is None else pipeline.attached(model)
     with attach:

@@ -14,9 +14,12 @@ with scores s = scale q k^T [B, H, Tq, Tk] (causal and padding mask as -inf):
 
 Every hook is causal (query i only sees keys and earlier queries <= i), keeps state across calls
 (decoding with a KV cache continues the habituation and the temperature set point; the Hebbian matrix
-is a fast weight carried until `reset()`), and is an exact no-op when disabled. The first
-`sink_tokens` keys are shielded from habituation: attention sinks (Xiao et al. 2024) take most of
-every head's attention by design, and suppressing them breaks the model rather than a repetition.
+is a fast weight carried until `reset()`, averaged over the batch), and is an exact no-op when
+disabled. The first `sink_tokens` keys each row may see (after any left padding) are shielded from
+habituation: attention sinks (Xiao et al. 2024) take most of every head's attention by design, and
+suppressing them breaks the model rather than a repetition. Padding queries do not count towards the
+temperature set point. A call that cannot continue the stored state (another batch size, a cache
+that dropped keys: sliding-window or static caches) raises before any state moves.
 
 Attached (`attach(model)`), the model's attention runs through `AttentionInterface` under a name
 of this pipeline, with a matching entry in `AttentionMaskInterface` that builds a boolean causal
@@ -28,11 +31,14 @@ differ by ~1e-4 on SmolLM2's fp32 logits of ~30, and by ~1e-13 in float64, teste
 `detach()` restores the model's own attention implementation.
 
 Memory and compute per layer and call, beyond eager attention's own [B, H, Tq, Tk] scores and
-probabilities (nothing of size T x T outlives the call):
-- temperature: one fp32 softmax of the scores; state [B, H] + the last [B, H, Tq] temperatures.
-- Hebbian: one more softmax and [B, H, Tq, Tq] query similarities; state H x D x D.
-- habituation: [B, H, 64, Tk] fp32 per chunk of 64 queries; state [B, H, Tk] exposure.
-- voting: [B, H, Tq] entropies; the last [B, Tq, H] weights are kept.
+probabilities and its key/value copies per query head (nothing of size T x T outlives the call):
+- temperature: one fp32 softmax of the scores and the rescaled scores (two [B, H, Tq, Tk]); state
+  [B, H] + the last [B, H, Tq] temperatures.
+- Hebbian: one more softmax, the bias (two [B, H, Tq, Tk]) and [B, H, Tq, Tq] query similarities;
+  state H x D x D.
+- habituation: the output scores ([B, H, Tq, Tk]) and [B, H, 64, Tk] fp32 per chunk of 64 queries;
+  state [B, H, Tk] exposure.
+- voting: [B, H, Tq] entropies (one pass over the probabilities); the last [B, Tq, H] weights are kept.
 """
 from __future__ import annotations
 
@@ -66,13 +72,13 @@ def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceHookConfig:
     """Which hooks act, on which decoder layers (0-based indices or "all"), and their settings.
 
     Hebbian: eta (bias scale), learning_rate, decay (per token), max_norm (Frobenius clip per head),
     normalize (use unit-length q and k: a pretrained model's q/k norms of 10-20 would otherwise make the
-    bias, quadratic in both, swamp the scores even at eta = 0.01; measured on SmolLM2).
+    bias, quadratic in both, swamp the scores even at small eta).
     Habituation: habituation_rate, recovery_rate, attention_threshold, max_habituation (see
     `HabituationConfig`), sink_tokens (first keys never habituated). Temperature: strength and target
     (None: each head's causal running mean). Voting: voting_temperature (inf: uniform = neutral).
@@ -108,7 +114,7 @@ class InferenceHookConfig:
             layers = list(self.layers) if isinstance(self.layers, (list, tuple, range)) else None
             if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
                 raise ValueError(f'layers must be "all" or a non-empty list of layer indices >= 0, got {self.layers!r}')
-            self.layers = sorted(set(layers))
+            object.__setattr__(self, "layers", sorted(set(layers)))
         if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
         _number("temperature_strength", self.temperature_strength)
@@ -117,12 +123,13 @@ class InferenceHookConfig:
         _number("voting_temperature", self.voting_temperature, 0.0, allow_inf=True)
         if self.voting_temperature == 0:
             raise ValueError("voting_temperature must be > 0")
-        self._hebbian = HebbianConfig(learning_rate=self.hebbian_learning_rate, decay_rate=self.hebbian_decay,
-                                      max_hebbian_norm=self.hebbian_max_norm, eta=self.hebbian_eta)
-        self._habituation = HabituationConfig(habituation_rate=self.habituation_rate,
-                                              recovery_rate=self.recovery_rate,
-                                              attention_threshold=self.attention_threshold,
-                                              max_habituation=self.max_habituation)
+        hebbian = HebbianConfig(learning_rate=self.hebbian_learning_rate, decay_rate=self.hebbian_decay,
+                                max_hebbian_norm=self.hebbian_max_norm, eta=self.hebbian_eta)
+        habituation = HabituationConfig(habituation_rate=self.habituation_rate, recovery_rate=self.recovery_rate,
+                                        attention_threshold=self.attention_threshold,
+                                        max_habituation=self.max_habituation)
+        object.__setattr__(self, "_hebbian", hebbian)                  # frozen: derived once, never stale
+        object.__setattr__(self, "_habituation", habituation)
 
     @property
     def any_enabled(self) -> bool:
@@ -142,13 +149,27 @@ class _LayerHooks:
         self.voting = EntropyBasedVoting(num_heads, config.voting_temperature) if config.enable_voting else None
         self.entropy = torch.zeros(0, num_heads, 0)
         self.weights = torch.zeros(0, 0, num_heads)
+        self.sinks = torch.zeros(0, 0, dtype=torch.bool)       # [B, Tk] shielded keys of the last call
 
-    def hebbian_for(self, head_dim: int) -> HebbianAttention:
+    def hebbian_for(self, head_dim: int, device: torch.device) -> HebbianAttention:
         if self.hebbian is None:
-            self.hebbian = HebbianAttention(head_dim, self.num_heads, self.config._hebbian)
-        elif self.hebbian.head_dim != head_dim:
+            self.hebbian = HebbianAttention(head_dim, self.num_heads, self.config._hebbian).to(device)
+        return self.hebbian.to(device)
+
+    def check(self, B: int, Tq: int, Tk: int, head_dim: int | None) -> None:
+        """Raise before any state moves if this call cannot continue the layer's state."""
+        if self.hebbian is not None and head_dim is not None and self.hebbian.head_dim != head_dim:
             raise ValueError(f"query has head dim {head_dim}, this layer's Hebbian state {self.hebbian.head_dim}")
-        return self.hebbian
+        if Tk == Tq:
+            return                                        # a new sequence: habituation and temperature restart
+        past = self.habituation.exposure if self.habituation is not None else None
+        if past is not None and (past.shape[-1] != Tk - Tq or (past.numel() and past.shape[0] != B)):
+            raise ValueError(f"this call continues a sequence of {Tk - Tq} keys (batch {B}), but the habituation "
+                             f"state covers {past.shape[-1]} keys of batch {past.shape[0]}: call reset() before a "
+                             "new sequence (sliding-window or static caches are not supported)")
+        if self.temperature is not None and self.temperature.entropy_sum.shape[0] not in (0, B):
+            raise ValueError(f"this call has batch {B}, the temperature state batch "
+                             f"{self.temperature.entropy_sum.shape[0]}: call reset() before a new sequence")
 
     def reset(self) -> None:
         for module in (self.hebbian, self.habituation, self.temperature):
@@ -156,6 +177,7 @@ class _LayerHooks:
                 module.reset_state()
         self.entropy = torch.zeros(0, self.num_heads, 0)
         self.weights = torch.zeros(0, 0, self.num_heads)
+        self.sinks = torch.zeros(0, 0, dtype=torch.bool)
 
 
 def _boolean_causal_mask(*args, **kwargs):
@@ -221,8 +243,9 @@ class InferenceHookPipeline:
         state = self._state(layer_idx)
         if state is None:
             return torch.zeros(0, 0, 0)
-        suppression = state.habituation.get_habituation_map().clone()
-        suppression[..., :self.config.sink_tokens] = 0.0                  # shielded sinks are never suppressed
+        suppression = state.habituation.get_habituation_map()
+        if state.sinks.shape == (suppression.shape[0], suppression.shape[-1]):
+            suppression = suppression.masked_fill(state.sinks[:, None, :].to(suppression.device), 0.0)
         return suppression
 
     def hebbian_matrix(self, layer_idx: int) -> torch.Tensor:
@@ -279,6 +302,7 @@ class InferenceHookPipeline:
         if self.config.enable_hebbian and (query is None or key is None):
             raise ValueError("query and key are required when enable_hebbian=True")
         hooks = self._hooks(layer_idx, H)
+        hooks.check(B, Tq, Tk, query.shape[-1] if query is not None else None)
         continuing = Tk > Tq
         scores = attention_logits
         if hooks.temperature is not None:
@@ -286,13 +310,11 @@ class InferenceHookPipeline:
         if self.config.enable_hebbian:
             q, k = (F.normalize(query.float(), dim=-1), F.normalize(key.float(), dim=-1)) \
                 if self.config.hebbian_normalize else (query, key)
-            scores = scores + hooks.hebbian_for(query.shape[-1]).score_bias(q, k, scores)
+            scores = scores + hooks.hebbian_for(query.shape[-1], query.device).score_bias(q, k, scores)
         if hooks.habituation is not None:
-            novelty = None
-            if self.config.sink_tokens:
-                novelty = scores.new_zeros(B, Tk, dtype=torch.float32)
-                novelty[:, :self.config.sink_tokens] = 1.0
-            scores = hooks.habituation(scores, novelty=novelty, use_cache=continuing)
+            visible = torch.isfinite(attention_logits[:, 0, -1, :])             # keys the last query may see
+            hooks.sinks = visible & (visible.cumsum(-1) <= self.config.sink_tokens)   # the first ones: sinks
+            scores = hooks.habituation(scores, novelty=hooks.sinks.float(), use_cache=continuing)
         return scores
 
     def apply_post_attention(self, attention_weights: torch.Tensor, query: torch.Tensor | None = None,

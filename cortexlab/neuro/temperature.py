@@ -11,7 +11,8 @@ and the gain on the row's scores moves u back towards the head's set point m_hi:
 
     out_hi = g_hi * s_hi,   g_hi = exp(strength * (u_hi - m_hi)),   temperature tau_hi = 1 / g_hi
     m_hi   = target                                         (a fixed set point), or
-    m_hi   = (U_h + sum_{t <= i} u_ht) / (N_h + i + 1)      (target=None: the head's causal running mean)
+    m_hi   = (U_h + sum_{t <= i} u_ht) / (N_h + i + 1)      (target=None: the head's causal running mean;
+                                                             queries that see no key, i.e. padding, are skipped)
 
 strength > 0 sharpens rows that are more diffuse than the set point and softens rows that are
 sharper (homeostasis); strength < 0 exaggerates the deviation; strength = 0 is an exact no-op.
@@ -19,7 +20,7 @@ The running mean only looks at queries <= i, so the rule is causal, and U_h, N_h
 calls (decoding with a KV cache) until `reset_state()`. Masked scores (-inf) stay masked since
 g > 0. u is computed without gradient: the gain is a read-out of the attention, not a learned path.
 
-Memory: persistent [B, H] running sums; per call the [B, H, Tq] temperatures (kept for plots) and one
+Memory: persistent [B, H] running sums and counts; per call the [B, H, Tq] temperatures (kept for plots) and one
 fp32 softmax of the scores, [B, H, Tq, Tk], freed after the call.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ class AdaptiveHeadTemperature(nn.Module):
             raise ValueError(f"target must be None or a number in [0, 1], got {target!r}")
         self.num_heads, self.strength, self.target = num_heads, float(strength), target
         self.register_buffer("entropy_sum", torch.zeros(0, num_heads), persistent=False)
-        self.register_buffer("count", torch.zeros(()), persistent=False)
+        self.register_buffer("count", torch.zeros(0, num_heads), persistent=False)
         self.register_buffer("temperature", torch.ones(0, num_heads, 0), persistent=False)
 
     @staticmethod
@@ -75,21 +76,22 @@ class AdaptiveHeadTemperature(nn.Module):
             raise ValueError(f"use_cache: the running mean was kept for batch {self.entropy_sum.shape[0]}, "
                              f"this call has batch {B} (call reset_state() to start a new sequence)")
         u = self.normalised_entropy(scores)                                            # [B, H, Tq]
+        seen = torch.isfinite(scores).any(-1).to(u.dtype)                              # 0: a padding query
         prior_sum = self.entropy_sum if carry else u.new_zeros(B, H)
-        prior_n = float(self.count) if carry else 0.0
+        prior_n = self.count if carry else u.new_zeros(B, H)
         if self.target is None:
-            steps = torch.arange(1, Tq + 1, device=u.device, dtype=u.dtype)
-            set_point = (prior_sum[..., None] + u.cumsum(-1)) / (prior_n + steps)
+            steps = (prior_n[..., None] + seen.cumsum(-1)).clamp_min(1.0)
+            set_point = (prior_sum[..., None] + (u * seen).cumsum(-1)) / steps
         else:
             set_point = torch.full_like(u, float(self.target))
         gain = torch.exp(self.strength * (u - set_point))
-        self.entropy_sum = prior_sum + u.sum(-1)
-        self.count = torch.tensor(prior_n + Tq)
+        self.entropy_sum = prior_sum + (u * seen).sum(-1)
+        self.count = prior_n + seen.sum(-1)
         self.temperature = gain.reciprocal()
         return scores * gain[..., None].to(scores.dtype)
 
     def reset_state(self) -> None:
         """Forget the running set point and the last temperatures (start of a new sequence)."""
         self.entropy_sum = self.entropy_sum.new_zeros(0, self.num_heads)
-        self.count = torch.zeros(())
+        self.count = self.count.new_zeros(0, self.num_heads)
         self.temperature = self.temperature.new_ones(0, self.num_heads, 0)

@@ -1,7 +1,7 @@
 """Plotly figures for the inference-time hooks (notebook 15 and the habituation dashboard).
 
 Builders take what `python -m cortexlab.eval.hook_effects` writes to `results/inference_hooks.json`
-(the "repetition" and "loss" parts) and return `go.Figure`; they compute nothing beyond reshaping.
+(its "repetition" and "heldout_loss" parts) and return `go.Figure`; they compute nothing beyond reshaping.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def repetition_figure(repetition: Mapping, *, title: str | None = None) -> go.Fi
 def loss_effects_figure(loss: Mapping, *, title: str | None = None) -> go.Figure:
     """Held-out loss change vs the unhooked model (mean and standard error over paired windows), per setting.
 
-    `loss`: the "loss" part of the results (its "settings" rows, each with "hook", "param", "value" and
+    `loss`: the "heldout_loss" part of the results (its "settings" rows, each with "hook", "param", "value" and
     "diff_vs_baseline" = {"mean", "se"}). Below zero: the hook lowers the loss of real text.
     """
     rows = loss["settings"]
