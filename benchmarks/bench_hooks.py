@@ -139,6 +139,7 @@ def print_report(plan: dict, res: dict, log=print) -> None:
 
 def main(argv=None) -> int:
     from cortexlab.eval.hook_effects import hook_sources, quiet
+    from cortexlab.eval.speed import num_threads
     from cortexlab.train.common import environment, git_revision, write_json_atomic
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,14 +167,10 @@ def main(argv=None) -> int:
     print(f"$ {command}", flush=True)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    old = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):
         env = environment()
         with quiet():
             res = run(plan, args.threads, log=lambda msg="": print(msg, flush=True))
-    finally:
-        torch.set_num_threads(old)
     print_report(plan, res, log=lambda msg="": print(msg, flush=True))
     env.update(threads=args.threads, load_average_before=load_before, load_average_after=os.getloadavg())
     result = {"command": command, "git": git_revision(), "hook_sources": hook_sources(), "environment": env,

@@ -269,15 +269,14 @@ def print_tables(result: dict, log) -> None:
 
 def run(plan: dict, *, command: str, parts=("repetition", "loss"), log=print) -> dict:
     """Run the experiments of `parts` under `plan` (a FULL/QUICK-shaped dict) and return the result dict."""
+    from cortexlab.eval.speed import num_threads
     from cortexlab.train.common import environment, git_revision
 
     unknown = set(parts) - {"repetition", "loss"}
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of ('repetition', 'loss'), got {parts!r}")
     started = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(plan["threads"])
-    try:
+    with num_threads(plan["threads"]):
         model, tokenizer = _load(plan)
         result = {"command": command, "git": git_revision(), "hook_sources": hook_sources(),
                   "environment": environment(), "config": plan,
@@ -295,8 +294,6 @@ def run(plan: dict, *, command: str, parts=("repetition", "loss"), log=print) ->
             seconds["loss"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - started
         result["seconds"] = seconds
-    finally:
-        torch.set_num_threads(old_threads)
     print_tables(result, log)
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -99,3 +100,11 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, param_groups: l
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
+
+
+def warmup_cosine_lr(step: int, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay from lr to min_lr_ratio * lr at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

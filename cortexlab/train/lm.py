@@ -44,6 +44,7 @@ from .common import (
     jsonable,
     load_optimizer,
     save_optimizer,
+    warmup_cosine_lr,
     write_json_atomic,
 )
 
@@ -108,10 +109,7 @@ class LMTrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then cosine decay from lr to min_lr_ratio * lr at the last step."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine_lr(step, self.lr, self.steps, self.warmup_steps, self.min_lr_ratio)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from cortexlab.cortex.window import empty_window, sliding_window_attention
 from cortexlab.data.mqar import IGNORE, MQARTask, chance_accuracy, split_seed
 from cortexlab.neuro.backbone import apply_rope, rope_cos_sin
 
-from .common import environment, git_revision, jsonable, write_json_atomic
+from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
 
 __all__ = ["MIXERS", "MQARModel", "MQARModelConfig", "MQARTrainConfig", "evaluate_mqar", "mqar_grid",
            "train_mqar", "train_mqar_grid"]
@@ -248,10 +248,7 @@ class MQARTrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then cosine decay from lr to min_lr_ratio * lr at the last step."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine_lr(step, self.lr, self.steps, self.warmup_steps, self.min_lr_ratio)
 
 
 def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None) -> dict:
