@@ -65,6 +65,7 @@ from .common import (
     git_revision,
     jsonable,
     load_optimizer,
+    publish_dir_atomic,
     save_optimizer,
     write_json_atomic,
 )
@@ -474,24 +475,12 @@ def neutralise_controller_(model) -> int:
 
 def save_adapter(model, path, card: dict | None = None) -> Path:
     """`save_cortex` into `path` atomically (temp folder, fsync, rename), plus an optional card.json."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:
         _unwrap(model).save_cortex(tmp)
         if card is not None:
             (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        fsync_dir_files(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return publish_dir_atomic(path, write)
 
 
 def save_checkpoint(directory, model, optimizer, step: int, state: dict, keep: int = 2) -> Path:

@@ -28,9 +28,6 @@ revision, versions and every number.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +38,7 @@ from tqdm.auto import tqdm
 
 from cortexlab.neuro.early_exit import EarlyExitEngine
 
-from .common import environment, fsync_dir_files, git_revision, write_json_atomic
+from .common import environment, git_revision, publish_dir_atomic, write_json_atomic
 
 __all__ = ["SmolLM2ExitsConfig", "add_cli", "run_smollm2_exits", "train_exit_classifier", "train_hf_exit_heads"]
 
@@ -164,20 +161,7 @@ def _save_adapter(heads: EarlyExitEngine, classifier, path: Path, card: dict) ->
     weights' size in bytes."""
     from cortexlab.neuro.exit_decoding import ADAPTER_WEIGHTS, CLASSIFIER_WEIGHTS, save_exit_heads
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_exit_heads(heads, tmp, card, classifier=classifier)
-        fsync_dir_files(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir_atomic(path, lambda tmp: save_exit_heads(heads, tmp, card, classifier=classifier))
     return sum((path / name).stat().st_size for name in (ADAPTER_WEIGHTS, CLASSIFIER_WEIGHTS))
 
 
