@@ -85,3 +85,20 @@ def test_bad_arguments_raise_value_error(tokenizer, tasks):
         tasks["train"].batch(0, 2, seed=0)
     with pytest.raises(ValueError, match="seed"):
         tasks["train"].batch(2, 2, seed=1.5)
+
+
+def test_fact_at_places_every_fact_at_that_token(tasks):
+    task = tasks["train"]
+    batch = task.batch(3, 4, seed=5, fact_at=7)
+    for b in range(4):
+        fact_tokens = [t for t in task.fact_templates
+                       if task._encode(t.format(key=batch.keys[b])) == batch.input_ids[b, 0, 7:7 + len(
+                           task._encode(t.format(key=batch.keys[b])))].tolist()]
+        assert fact_tokens, f"episode {b}: no fact starts at token 7"
+    assert batch.input_ids.shape == (4, 3, task.call_tokens)
+    room = task.call_tokens - task.max_fact_tokens
+    for bad in (-1, room + 1, 2.0):
+        with pytest.raises(ValueError, match="fact_at"):
+            task.batch(3, 2, seed=0, fact_at=bad)
+    with pytest.raises(ValueError, match="fact_at"):
+        task.batch(1, 2, seed=0, fact_at=0)

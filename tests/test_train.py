@@ -13,6 +13,7 @@ from cortexlab.train import (
     RecallEvalSet,
     RecallTrainConfig,
     answer_loss,
+    crop_plan,
     episode_forward,
     evaluate_recall,
     load_checkpoint,
@@ -161,14 +162,41 @@ def test_eval_baselines_and_neutralised_controller(tokenizer, task):
     torch.testing.assert_close(episode_forward(model, batch), episode_forward(plain, batch), rtol=1e-5, atol=1e-5)
 
 
+def test_cropped_episode_is_the_same_episode_with_shorter_fact_and_question_calls(tokenizer, task):
+    """crop_plan keeps the fact, the question and the answer; the cropped run equals the plain forward on the
+    calls cut by hand, and a crop with all the room equals the whole-call episode."""
+    model = randomise_(tiny_cortex(tokenizer))
+    T = task.call_tokens
+    for seed in range(20):
+        plan = crop_plan(task, 8, seed)
+        assert 0 <= plan.fact_at <= 8 and plan.fact_at + task.max_fact_tokens <= plan.fact_end <= T
+        assert plan.fact_end - plan.fact_at - task.max_fact_tokens <= 8
+        assert 0 <= T - task.max_tail_tokens - plan.question_start <= 8
+    plan = crop_plan(task, 8, seed=3)
+    batch = task.batch(3, 2, seed=4, fact_at=plan.fact_at)
+    for b, key in enumerate(batch.keys):
+        assert key in tokenizer.decode(batch.input_ids[b, 0, :plan.fact_end])
+        assert tokenizer.decode(batch.input_ids[b, -1, plan.question_start:]).endswith(key)
+    cropped = episode_forward(model, batch, crop=plan)
+    memory = None
+    for ids in (batch.input_ids[:, 0, :plan.fact_end], batch.input_ids[:, 1]):
+        memory = model(ids, memory=memory, use_cache=False).memory
+    by_hand = model(batch.input_ids[:, 2, plan.question_start:], memory=memory, use_cache=False).logits
+    torch.testing.assert_close(cropped, by_hand[:, -task.key_digits - 1:-1].float(), rtol=1e-5, atol=1e-5)
+    whole = type(plan)(plan.fact_at, T, 0)
+    torch.testing.assert_close(episode_forward(model, batch, crop=whole), episode_forward(model, batch))
+
+
 def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
     cfg = RecallTrainConfig(steps=3, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
                             curriculum="0:2-3,0.5:3-4", filler_pool=8, easy_fraction=0.5, easy_call_tokens=24,
-                            eval_distances=(0, 2), eval_examples=2, eval_batch_size=2, checkpoint_every=2, lr=1e-2)
+                            eval_distances=(0, 2), eval_examples=2, eval_batch_size=2, checkpoint_every=2, lr=1e-2,
+                            crop_filler=8, min_lr_ratio=0.5, warmup_steps=1)
     first = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
                          checkpoint_dir=tmp_path, progress=False)
     assert [h["step"] for h in first["history"]] == [1, 2, 3]
     assert [h["stage"] for h in first["history"]] == ["easy", "easy", "main"]
+    assert [h["lr"] for h in first["history"]] == pytest.approx([1e-2, 1e-2, 0.75e-2])   # cosine towards 0.5 lr
     assert first["data"]["easy"]["call_tokens"] == 24 and first["data"]["train"]["call_tokens"] == 48
     assert set(first["eval"]) == {"sidecar", "reset", "base", "chance"}
     assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3
@@ -200,3 +228,7 @@ def test_config_and_curriculum_validation():
         RecallTrainConfig(easy_filler="lorem")
     with pytest.raises(ValueError, match="easy_fraction"):
         RecallTrainConfig(easy_fraction=1.5)
+    with pytest.raises(ValueError, match="crop_filler"):
+        RecallTrainConfig(crop_filler=-1)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        RecallTrainConfig(min_lr_ratio=2.0)

@@ -1,5 +1,5 @@
 """Synthetic tasks and real-text corpora for training and evaluating memory (see each module)."""
-from .corpus import END_OF_TEXT, TokenCorpus, stdlib_modules, stdlib_tokenizer
+from .corpus import END_OF_TEXT, TokenCorpus, stdlib_documents, stdlib_modules, stdlib_tokenizer
 from .recall import (
     FACT_TEMPLATES,
     FILLERS,
@@ -12,7 +12,7 @@ from .recall import (
 )
 
 __all__ = [
-    "END_OF_TEXT", "TokenCorpus", "stdlib_modules", "stdlib_tokenizer",
+    "END_OF_TEXT", "TokenCorpus", "stdlib_documents", "stdlib_modules", "stdlib_tokenizer",
     "FACT_TEMPLATES", "FILLERS", "QUESTION_TEMPLATES", "SPLITS", "RecallBatch", "RecallTask", "filler_files",
     "filler_token_pool",
 ]

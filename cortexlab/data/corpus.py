@@ -128,3 +128,27 @@ class TokenCorpus:
     def describe(self) -> dict:
         return {"split": self.split, "source": "Python standard library, top-level Lib/*.py",
                 "tokens": len(self), "vocab_size": self.vocab_size, "files": [p.name for p in self.files]}
+
+
+def stdlib_documents(tokenizer, split: str, *, min_tokens: int = 2,
+                     max_docs: int | None = None) -> dict[str, torch.Tensor]:
+    """The split's modules as whole documents: {file name: [n] int64 token ids} for each file with at
+    least `min_tokens` tokens, in file-name order (the first `max_docs` of them).
+
+    tokenizer: a Hugging Face tokenizer (no special tokens are added), e.g. SmolLM2's.
+    """
+    check_split(split)
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 2:
+        raise ValueError(f"min_tokens must be an int >= 2, got {min_tokens!r}")
+    if max_docs is not None and (not isinstance(max_docs, int) or isinstance(max_docs, bool) or max_docs < 1):
+        raise ValueError(f"max_docs must be a positive int or None, got {max_docs!r}")
+    docs = {}
+    for path in stdlib_modules(split):
+        ids = tokenizer(_read(path), add_special_tokens=False)["input_ids"]
+        if len(ids) >= min_tokens:
+            docs[path.name] = torch.tensor(ids, dtype=torch.int64)
+            if max_docs is not None and len(docs) == max_docs:
+                break
+    if not docs:
+        raise ValueError(f"no {split!r} module has {min_tokens} tokens or more")
+    return docs

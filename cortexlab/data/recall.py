@@ -200,7 +200,9 @@ class RecallTask:
         longest_fact = max(len(self._encode(t.format(key="0" * key_digits))) for t in self.fact_templates)
         longest_question = max(len(self._encode(t)) for t in self.question_templates)
         self.answer_tokens = len(self.answer_prefix) + key_digits
-        if longest_fact > call_tokens or longest_question + self.answer_tokens > call_tokens:
+        self.max_fact_tokens = longest_fact
+        self.max_tail_tokens = longest_question + self.answer_tokens   # question + answer, the end of call N
+        if longest_fact > call_tokens or self.max_tail_tokens > call_tokens:
             raise ValueError(f"call_tokens={call_tokens} is too short: the longest fact takes {longest_fact} "
                              f"tokens and the longest question + answer {longest_question + self.answer_tokens}")
         if len(self.pool) < 4 * call_tokens:
@@ -241,9 +243,16 @@ class RecallTask:
         start = rng.randrange(len(self.pool) - n + 1)
         return self.pool[start:start + n].tolist()
 
-    def example(self, num_calls: int, rng: random.Random) -> tuple[list[list[int]], str]:
-        """One episode: (N calls of T token ids, the pass key)."""
+    def example(self, num_calls: int, rng: random.Random, fact_at: int | None = None) -> tuple[list[list[int]], str]:
+        """One episode: (N calls of T token ids, the pass key); fact_at: the fact's first token in call 1
+        (None: a random place; N >= 2 only)."""
         T = self.call_tokens
+        if fact_at is not None:
+            room = T - self.max_fact_tokens
+            if not isinstance(fact_at, int) or isinstance(fact_at, bool) or not 0 <= fact_at <= room:
+                raise ValueError(f"fact_at must be an int in [0, {room}], got {fact_at!r}")
+            if num_calls < 2:
+                raise ValueError("fact_at needs num_calls >= 2 (one call holds the fact and the question)")
         key = str(rng.randrange(10 ** self.key_digits)).zfill(self.key_digits)
         fact = self._encode(rng.choice(self.fact_templates).format(key=key))
         tail = self._encode(rng.choice(self.question_templates)) + self.answer_prefix
@@ -254,7 +263,7 @@ class RecallTask:
                 raise ValueError(f"call_tokens={T} cannot hold a fact and a question in one call (num_calls=1)")
             before = rng.randint(0, free)
             return [self._filler(rng, before) + fact + self._filler(rng, free - before) + tail], key
-        before = rng.randint(0, T - len(fact))
+        before = rng.randint(0, T - len(fact)) if fact_at is None else fact_at
         calls = [self._filler(rng, before) + fact + self._filler(rng, T - len(fact) - before)]
         calls += [self._filler(rng, T) for _ in range(num_calls - 2)]
         calls.append(self._filler(rng, T - len(tail)) + tail)
@@ -267,8 +276,12 @@ class RecallTask:
         rng = random.Random(f"cortexlab.recall.filler/{self.split}/{self.filler}/{seed}/{count}/{self.call_tokens}")
         return torch.tensor([self._filler(rng, self.call_tokens) for _ in range(count)], dtype=torch.int64)
 
-    def batch(self, num_calls: int, batch_size: int, seed: int) -> RecallBatch:
-        """`batch_size` episodes of `num_calls` calls, determined by (split, seed, num_calls, batch_size)."""
+    def batch(self, num_calls: int, batch_size: int, seed: int, fact_at: int | None = None) -> RecallBatch:
+        """`batch_size` episodes of `num_calls` calls, determined by (split, seed, num_calls, batch_size, fact_at).
+
+        fact_at: put every episode's fact at this token of call 1, in [0, T - max_fact_tokens]
+        (None: a random place per episode). Needs num_calls >= 2.
+        """
         for name, value in (("num_calls", num_calls), ("batch_size", batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -276,7 +289,7 @@ class RecallTask:
             raise ValueError(f"seed must be an int, got {seed!r}")
         rng = random.Random(f"cortexlab.recall/{self.split}/{seed}/{num_calls}/{batch_size}/{self.call_tokens}"
                             + ("" if self.filler == "stdlib" else f"/{self.filler}"))
-        episodes = [self.example(num_calls, rng) for _ in range(batch_size)]
+        episodes = [self.example(num_calls, rng, fact_at) for _ in range(batch_size)]
         input_ids = torch.tensor([calls for calls, _ in episodes], dtype=torch.int64)
         keys = [key for _, key in episodes]
         answer = torch.tensor([[self.digit_ids[int(c)] for c in key] for key in keys], dtype=torch.int64)

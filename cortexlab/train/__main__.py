@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import lm, mqar, recall, smollm2_exits
+from . import lm, longtext, mqar, recall, smollm2_exits
 
 
 def main(argv=None) -> int:
@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     lm.add_cli(sub)
     smollm2_exits.add_cli(sub)
     mqar.add_cli(sub)
+    longtext.add_cli(sub)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

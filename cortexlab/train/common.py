@@ -105,7 +105,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, param_groups: l
 
 
 def warmup_cosine_lr(step: int, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay from lr to min_lr_ratio * lr at the last step."""
+    """Linear warm-up over `warmup_steps`, then cosine decay from lr towards min_lr_ratio * lr, which step
+    index `steps` (one past the last step of a run) would reach."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, steps - warmup_steps)

@@ -21,7 +21,10 @@ sidecar reads in a call does not depend on the sidecar at all (the layers below 
 frozen), so it is computed once (`sidecar_inputs`) and the memory advanced from it
 (`advance_memory`): filler calls come from a fixed pool whose inputs are computed before
 training, and the held-out set's are computed once for every sidecar evaluated on it.
-Both give exactly the memory of the plain forward (tested).
+Both give exactly the memory of the plain forward (tested). With `crop_filler=n` the fact call
+and the question call of a training batch are cut short (`crop_plan`: at most n filler tokens
+beside the fact and before the question), which makes steps at 128-token calls several
+times cheaper; evaluation always uses whole calls.
 
 Evaluation (`evaluate_recall` on a `RecallEvalSet`): teacher-forced exact match of the
 answer digits (all A argmax predictions right) and per-digit accuracy on held-out episodes
@@ -67,12 +70,13 @@ from .common import (
     load_optimizer,
     publish_dir_atomic,
     save_optimizer,
+    warmup_cosine_lr,
     write_json_atomic,
 )
 
 __all__ = [
-    "EVAL_SEED", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
-    "episode_forward", "evaluate_recall", "load_checkpoint", "memory_only_depth", "neutralise_controller_",
+    "EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
+    "crop_plan", "episode_forward", "evaluate_recall", "load_checkpoint", "memory_only_depth", "neutralise_controller_",
     "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "sidecar_inputs", "train_recall",
 ]
 
@@ -91,6 +95,7 @@ class RecallTrainConfig:
     steps: int = 400
     batch_size: int = 8
     lr: float = 5e-3
+    min_lr_ratio: float = 1.0            # cosine decay from lr to min_lr_ratio * lr after warm-up (1: constant)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     grad_clip: float = 1.0
@@ -100,6 +105,7 @@ class RecallTrainConfig:
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
+    crop_filler: int | None = None       # train on cropped fact and question calls (`crop_plan`; None: whole calls)
     seed: int = 0
     call_tokens: int = 48
     key_digits: int = 5
@@ -138,6 +144,11 @@ class RecallTrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if self.crop_filler is not None and (not isinstance(self.crop_filler, int)
+                                             or isinstance(self.crop_filler, bool) or self.crop_filler < 0):
+            raise ValueError(f"crop_filler must be None or an int >= 0, got {self.crop_filler!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         self.eval_distances = tuple(self.eval_distances)
         if not self.eval_distances or any(not isinstance(d, int) or d < 0 for d in self.eval_distances):
             raise ValueError(f"eval_distances must be non-negative ints, got {self.eval_distances!r}")
@@ -287,7 +298,8 @@ def question_logits(model, input_ids: torch.Tensor, memory: dict | None, answer_
 
 
 def episode_forward(model, batch: RecallBatch, *, features: list | None = None, fast: bool | None = None,
-                    bptt_calls: int = 0, reset_before_question: bool = False, disabled: bool = False):
+                    bptt_calls: int = 0, reset_before_question: bool = False, disabled: bool = False,
+                    crop: CropPlan | None = None):
     """Run the episodes' calls in order, carrying the memory; returns the answer logits [B, A, V].
 
     The answer is the last A tokens of the last call; its logits are those of the A
@@ -297,20 +309,23 @@ def episode_forward(model, batch: RecallBatch, *, features: list | None = None, 
     memory. reset_before_question: start the last call from an empty memory (the "reset"
     baseline; earlier calls are skipped). disabled: the bare base model, last call only (its
     context restarts every call, so earlier calls cannot reach it). bptt_calls: detach the
-    memory every k calls (0: never).
+    memory every k calls (0: never). crop: run call 1 up to `crop.fact_end` and the last call
+    from `crop.question_start` (`crop_plan`; None: whole calls).
     """
     A = batch.answer.shape[1]
     memory = None
     if not (disabled or reset_before_question):
         fast = single_sidecar_layer(model) is not None if fast is None else fast
         for c in range(batch.num_calls - 1):
+            ids = batch.input_ids[:, c, :crop.fact_end] if crop is not None and c == 0 else batch.input_ids[:, c]
             feats = features[c] if features is not None else None
             if feats is None and fast:
-                feats = sidecar_inputs(model, batch.input_ids[:, c])
-            memory = advance_memory(model, memory, input_ids=batch.input_ids[:, c], features=feats)
+                feats = sidecar_inputs(model, ids)
+            memory = advance_memory(model, memory, input_ids=ids, features=feats)
             if bptt_calls and (c + 1) % bptt_calls == 0:
                 memory = detach_memory(memory)
-    return question_logits(model, batch.input_ids[:, -1], memory, A, disabled=disabled)
+    question = batch.input_ids[:, -1, crop.question_start:] if crop is not None else batch.input_ids[:, -1]
+    return question_logits(model, question, memory, A, disabled=disabled)
 
 
 def answer_metrics(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,7 +545,39 @@ def load_checkpoint(directory, model, optimizer) -> dict | None:
 
 
 def _lr_at(step: int, cfg: RecallTrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    return warmup_cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """A training batch's shortened calls: the fact at token `fact_at` of call 1, which ends at
+    `fact_end`; the question call starts at token `question_start`."""
+
+    fact_at: int
+    fact_end: int
+    question_start: int
+
+
+def crop_plan(task: RecallTask, max_filler: int, seed: int) -> CropPlan:
+    """Shorter fact and question calls for one training batch: call 1 = [filler][fact][filler] and
+    call N = [filler][question + answer], each filler part a uniform draw from 0..max_filler tokens
+    (plus the slack of a fact or question shorter than the longest template).
+
+    The base model's passes over these two calls dominate a training step (the filler calls
+    come from a precomputed pool), so at T = 128 this makes a step several times cheaper. The
+    price: less filler is written between the fact and the question than in whole calls (at
+    N = 2 at most about 2 max_filler tokens instead of ~1.5 T on average), so the distances the
+    memory trains on are shorter; the filler calls of N > 2 still add T tokens each.
+    Evaluation always uses whole calls.
+    """
+    if not isinstance(max_filler, int) or isinstance(max_filler, bool) or max_filler < 0:
+        raise ValueError(f"max_filler must be an int >= 0, got {max_filler!r}")
+    rng = random.Random(f"crop_plan/{seed}")
+    T = task.call_tokens
+    fact_at = rng.randint(0, min(max_filler, T - task.max_fact_tokens))
+    fact_end = min(T, fact_at + task.max_fact_tokens + rng.randint(0, max_filler))
+    room = T - task.max_tail_tokens
+    return CropPlan(fact_at, fact_end, room - rng.randint(0, min(max_filler, room)))
 
 
 def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoint_dir=None, resume: bool = False,
@@ -592,7 +639,9 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         calls = curriculum_calls(stages, step, cfg.steps, random.Random(f"curriculum/{cfg.seed}/{step}"))
         stage = "easy" if step < easy_steps else "main"
         task, pool = (easy_task if stage == "easy" else train_task), pools[stage]
-        batch = task.batch(calls, cfg.batch_size, seed=step_seed).to(accelerator.device)
+        crop = None if cfg.crop_filler is None else crop_plan(task, cfg.crop_filler, step_seed)
+        batch = task.batch(calls, cfg.batch_size, seed=step_seed,
+                           fact_at=None if crop is None else crop.fact_at).to(accelerator.device)
         features = None
         if pool is not None and calls > 2:   # filler calls from the pool (the batch records which)
             pick = torch.randint(len(pool["ids"]), (calls - 2, cfg.batch_size),
@@ -602,7 +651,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  for i in pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls)
+        logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls, crop=crop)
         loss = answer_loss(logits, batch.answer)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -668,6 +717,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="cosine decay to this fraction of --lr after the warm-up (1: constant)")
+    p.add_argument("--crop-filler", type=int, default=d.crop_filler,
+                   help="train on fact and question calls cropped to at most this many filler tokens beside the "
+                        "fact / before the question (much cheaper steps; default: whole calls)")
     p.add_argument("--curriculum", default=d.curriculum)
     p.add_argument("--bptt-calls", type=int, default=d.bptt_calls)
     p.add_argument("--easy-fraction", type=float, default=d.easy_fraction,
@@ -696,7 +750,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args, controller: bool) -> RecallTrainConfig:
-    return RecallTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, curriculum=args.curriculum,
+    return RecallTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             min_lr_ratio=args.min_lr_ratio, crop_filler=args.crop_filler,
+                             curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
                              easy_filler=args.easy_filler, seed=args.seed,

@@ -1,0 +1,58 @@
+"""cortexlab.viz.experiments: each E1-E4 figure draws the numbers it is given, baselines included."""
+import pytest
+
+from cortexlab.viz import experiments as ex
+
+
+def mqar_results():
+    runs = []
+    for mixer, acc in (("gdn", 0.99), ("sliding_window", 0.3)):
+        for L, P in ((64, 16), (128, 16), (256, 16), (256, 4), (256, 64)):
+            runs.append({"config": {"mixer": mixer, "d_model": 64, "num_heads": 2,
+                                    "task": {"seq_len": L, "num_pairs": P}},
+                         "state_size": 2048, "accuracy": acc - L / 1e4 - P / 1e3, "chance": 1 / 256,
+                         "untrained_accuracy": 0.004, "steps": 100})
+    return {"grid": {"fixed_pairs": 16, "fixed_len": 256}, "runs": runs}
+
+
+def test_mqar_figure_has_both_sweeps_per_mixer():
+    fig = ex.mqar_figure(mqar_results())
+    gdn = [t for t in fig.data if t.name.startswith("gdn")]
+    assert len(gdn) == 2                                             # length sweep and capacity sweep
+    assert list(gdn[0].x) == [64, 128, 256] and list(gdn[1].x) == [4, 16, 64]
+    assert gdn[0].y[0] == pytest.approx(0.99 - 64 / 1e4 - 16 / 1e3)
+    assert any(s.y0 == pytest.approx(1 / 256) for s in fig.layout.shapes)   # chance
+    with pytest.raises(ValueError, match="no runs"):
+        ex.mqar_figure({"grid": {"fixed_pairs": 1, "fixed_len": 1}, "runs": []})
+
+
+def test_recall_figure_draws_sidecar_and_baselines_from_distance_one():
+    ev = {v: {d: {"exact_match": x} for d, x in zip(("0", "1", "4"), vals)}
+          for v, vals in (("sidecar", (0.8, 0.9, 0.7)), ("reset", (0.8, 0.0, 0.0)), ("base", (0.7, 0.0, 0.0)))}
+    ev["chance"] = {"exact_match": 1e-5}
+    fig = ex.recall_figure(ev, call_tokens=128)
+    assert [list(t.x) for t in fig.data] == [[1, 4]] * 3
+    assert list(fig.data[0].y) == [0.9, 0.7] and list(fig.data[0].customdata) == [128, 512]
+
+
+def test_position_loss_figure_bins_and_marks_segments():
+    ev = {"positions": 8, "documents": ["a"],
+          "per_position": {"base_segments": [4, 2, 4, 2, 4, 2, 4, 2], "sidecar_segments": [4, 2, 3, 1, 3, 1, 3, 1],
+                           "base_full_context": [4, 2, 2, 1, 1, 1, 1, 1]}}
+    fig = ex.position_loss_figure(ev, segment_tokens=2, bin_tokens=2)
+    assert list(fig.data[0].y) == [3, 3, 3, 3] and list(fig.data[1].y) == [3, 2, 2, 2]
+    assert list(fig.data[0].x) == [0.5, 2.5, 4.5, 6.5]
+    assert len(fig.layout.shapes) == 3                               # boundaries at 2, 4, 6
+
+
+def test_throughput_and_retention_figures():
+    rows = [{"T": 128, "v1_tokens_per_s": 100.0, "v2_tokens_per_s": 2000.0, "speedup": 20.0},
+            {"T": 512, "v1_tokens_per_s": 90.0, "v2_tokens_per_s": 4500.0, "speedup": 50.0}]
+    fig = ex.throughput_figure(rows)
+    assert list(fig.data[1].y) == [2000.0, 4500.0] and list(fig.data[1].text) == ["20.0x", "50.0x"]
+    persistence = {"lags": [0, 1, 2, 4], "blocks": {"v2": {"curve": [1, 0.99, 0.98, 0.97],
+                                                           "gate_only_curve": [1, 1, 1, 1]},
+                                                    "v1": {"curve": [1, 0.8, 0.6, 0.3],
+                                                           "gate_only_curve": [1, 0.88, 0.77, 0.6]}}}
+    fig = ex.version_retention_figure(persistence)
+    assert len(fig.data) == 4 and list(fig.data[2].x) == [1, 2, 4] and list(fig.data[2].y) == [0.8, 0.6, 0.3]
