@@ -49,11 +49,17 @@ V1_CONFIG = CortexWrapConfig(rank_fast=64, num_heads=4, forget_gate="sigmoid", u
 V2_CONFIG = CortexWrapConfig(rank_fast=64, num_heads=4, forget_gate="log", use_hybrid=True, controller=False)
 
 
-def _v1_block(d_model: int, cfg: CortexWrapConfig) -> HybridCortexBlock:
-    """A v1 sidecar: a `HybridCortexBlock` whose memory is the sequential `CortexBlock` (same weights layout)."""
-    block = HybridCortexBlock(d_model, cfg)
-    block.gdn = CortexBlock(d_model, cfg)
+def _make_sequential_(block: HybridCortexBlock) -> HybridCortexBlock:
+    """Run `block`'s memory as v1's per-token loop (`CortexBlock`), keeping its weights; in place."""
+    sequential = CortexBlock(block.out_proj.out_features, block.cfg)
+    sequential.load_state_dict(block.gdn.state_dict())
+    block.gdn = sequential
     return block
+
+
+def _v1_block(d_model: int, cfg: CortexWrapConfig) -> HybridCortexBlock:
+    """A fresh v1 sidecar: a `HybridCortexBlock` whose memory is the sequential `CortexBlock`."""
+    return _make_sequential_(HybridCortexBlock(d_model, cfg))
 
 
 def block_throughput(lengths: Sequence[int] = (128, 512, 2048), *, d_model: int = 576, batch_size: int = 1,
@@ -135,9 +141,7 @@ def ghost_gap(base, input_ids: torch.Tensor, configs: Mapping[str, CortexWrapCon
         try:
             if name in sequential:
                 for block in model.sidecars.values():
-                    fresh = CortexBlock(base.config.hidden_size, cfg)
-                    fresh.load_state_dict(block.gdn.state_dict())
-                    block.gdn = fresh
+                    _make_sequential_(block)
             gaps[name] = (model(input_ids).logits - reference).abs().max().item()
         finally:
             model.detach()
