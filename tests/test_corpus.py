@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cortexlab.data import END_OF_TEXT, TokenCorpus, filler_files, stdlib_modules, stdlib_tokenizer
+from cortexlab.data.corpus import module_windows, stdlib_module
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,39 @@ def test_corpus_windows(tokenizer):
         corpus.random_batch(2, len(corpus), torch.Generator())
     with pytest.raises(ValueError, match="batch_size"):
         corpus.random_batch(0, 8, torch.Generator())
+
+
+class _BytesTokenizer:
+    """A Hugging Face-style tokenizer call: UTF-8 bytes as ids."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def test_stdlib_module_finds_a_module_of_its_split_only():
+    train, heldout = stdlib_modules("train"), stdlib_modules("heldout")
+    assert stdlib_module("heldout", heldout[2].name) == heldout[2]
+    assert stdlib_module("train", train[0].name) == train[0]
+    with pytest.raises(ValueError, match="name="):
+        stdlib_module("train", heldout[2].name)
+    with pytest.raises(ValueError, match="split"):
+        stdlib_module("test", heldout[2].name)
+
+
+def test_module_windows_are_slices_of_each_module():
+    tok = _BytesTokenizer()
+    heldout = stdlib_modules("heldout")
+    names = {heldout[1].name, heldout[0].name}
+    windows = module_windows(tok, "heldout", names=names, start=100, length=32)
+    assert windows.shape == (2, 32) and windows.dtype == torch.int64
+    for row, path in zip(windows, heldout[:2]):                    # file-name order
+        assert row.tolist() == list(path.read_text().encode()[100:132])
+    first = module_windows(tok, "train", count=3, length=16)
+    long_enough = [p.read_text().encode() for p in stdlib_modules("train") if len(p.read_text().encode()) >= 16][:3]
+    assert first.tolist() == [list(b[:16]) for b in long_enough]
+    with pytest.raises(ValueError, match="name="):
+        module_windows(tok, "train", names=[heldout[0].name])
+    with pytest.raises(ValueError, match="tokens"):
+        module_windows(tok, "heldout", names=names, start=10**9)
+    with pytest.raises(ValueError, match="count"):
+        module_windows(tok, "heldout", count=0)

@@ -243,3 +243,13 @@ def test_one_entropy_reading_is_shared_by_every_controller():
         attach_cortex(tiny_model("qwen2"), CortexWrapConfig(layers=[0], entropy_layer=1))
     with pytest.raises(ValueError, match="entropy_layer"):
         CortexWrapConfig(entropy_layer=-1)
+
+
+def test_parameter_counts():
+    model = wrapped(trained=False)
+    counts = model.parameter_counts()
+    assert counts["base"] == sum(p.numel() for p in tiny_model("qwen2").parameters())
+    assert counts["sidecars"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("sidecars."))
+    assert counts["trainable"] == counts["sidecars"] > 0 and counts["base_trainable"] == 0
+    model.base.lm_head.weight.requires_grad_(True)
+    assert model.parameter_counts()["base_trainable"] == model.base.lm_head.weight.numel()

@@ -63,3 +63,21 @@ def test_zero_reward_leaves_h_unchanged(record):
     assert rows[0].probs.shape == (1, 4, 12, 24)
     with pytest.raises(ValueError):
         eh.reward_effect(record, 0, [1.0])
+
+
+def test_eta_sweep_equals_the_effect_and_span_mass_per_eta(record):
+    cfg = HebbianConfig(learning_rate=0.1)
+    spans = {"late": (16, 24), "middle": (8, 16)}
+    rows = eh.eta_sweep(record, [0.0, 0.5, 2.0], keys=(0, 8), queries=spans, config=cfg)
+    finite = torch.isfinite(record.scores)
+    for row in rows:
+        effect = eh.hebbian_effect(record, HebbianConfig(learning_rate=0.1, eta=row["eta"]))
+        assert row["bias_ratio"] == pytest.approx(effect.bias[finite].std().item() / record.scores[finite].std().item())
+        for name, span in spans.items():
+            assert row[name] == pytest.approx(eh.span_mass(effect.probs, span, (0, 8)).mean().item())
+    assert [r["eta"] for r in rows] == [0.0, 0.5, 2.0]
+    assert rows[0]["bias_ratio"] == 0                                   # eta = 0: plain attention
+    assert rows[0]["late"] == pytest.approx(eh.span_mass(record.probs, (16, 24), (0, 8)).mean().item())
+    assert rows[2]["bias_ratio"] == pytest.approx(4 * rows[1]["bias_ratio"], rel=1e-4)   # the bias is linear in eta
+    with pytest.raises(ValueError):
+        eh.eta_sweep(record, [], keys=(0, 8), queries=spans)

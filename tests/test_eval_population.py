@@ -46,3 +46,27 @@ def test_bad_arguments(model):
         ep.lm_loss_with_voting(model, IDS, 5)
     with pytest.raises(TypeError):
         ep.lm_loss_with_voting(model, IDS, 0, voter="entropy")
+
+
+def test_voting_change_is_the_relative_change_of_the_output(model):
+    rec = record_attention(model, IDS, [1])[1]
+    o_proj = model.model.layers[1].self_attn.o_proj
+    plain = ep.plain_output(rec, o_proj)
+    with torch.no_grad():
+        assert torch.equal(plain, o_proj(rec.heads.flatten(-2)))
+    voter = EntropyBasedVoting(4, 0.5)
+    voted = ep.voted_output(rec, o_proj, voter.head_weights(rec.probs))
+    assert ep.voting_change(rec, o_proj, voter) == pytest.approx(((voted - plain).norm() / plain.norm()).item())
+    assert ep.voting_change(rec, o_proj, EntropyBasedVoting(4, math.inf)) < 1e-6
+    assert ep.voting_change(rec, o_proj, ConfidenceWeightedVoting(4, 16)) < 1e-6
+    changes = [ep.voting_change(rec, o_proj, EntropyBasedVoting(4, t)) for t in (0.05, 1.0, 100.0)]
+    assert changes[0] > changes[1] > changes[2] > 0          # a colder vote moves the output further
+    with pytest.raises(TypeError):
+        ep.voting_change(rec, o_proj, "entropy")
+
+
+def test_head_wins_counts_argmax_per_token():
+    w = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    assert ep.head_wins(w).tolist() == [2, 1, 1]
+    assert ep.head_wins(torch.stack([w, w])).tolist() == [4, 2, 2]
+    assert int(ep.head_wins(torch.rand(5, 7, 9)).sum()) == 35

@@ -35,6 +35,17 @@ def test_entropy_vs_alpha_monotone_and_alpha_one_is_the_model(setup):
     assert (ent <= es.uniform_entropy(r.scores.shape[-1]) + 1e-5).all()
 
 
+def test_scaled_probs_is_softmax_of_scaled_logits(setup):
+    _, _, rec = setup
+    scores = rec[0].scores
+    for alpha in (0.25, 1.0, 3.0, 20.0):
+        assert torch.allclose(es.scaled_probs(scores, alpha), (alpha * scores).softmax(-1), atol=1e-6)
+        assert torch.allclose(es.scaled_probs(scores, alpha, head=2), (alpha * scores[:, 2]).softmax(-1), atol=1e-6)
+    assert torch.equal(es.scaled_probs(scores, 1.0), rec[0].probs)
+    with pytest.raises(ValueError):
+        es.scaled_probs(scores, 2.0, head=4)
+
+
 def test_constant_gates_and_neutral_loss(setup):
     model, ids, rec = setup
     module = NeuromodulatedAttention(64, 4)
@@ -53,6 +64,21 @@ def test_constant_gates_and_neutral_loss(setup):
         es.set_constant_gates(module, [1.5, 0, 0, 0])
     with pytest.raises(ValueError):
         es.gated_lm_loss(model, ids, 5, module)
+
+
+def test_head_gate_loss_equals_full_forward_with_those_gates(setup):
+    model, ids, _ = setup
+    module = NeuromodulatedAttention(64, 4)
+    suffix = es.LayerSuffix(model, ids, 1)
+    assert es.head_gate_loss(suffix, module, 2, 1.0) == pytest.approx(suffix.baseline, abs=1e-6)
+    half = es.head_gate_loss(suffix, module, 2, 0.5)
+    assert (module.compute_modulation(torch.randn(2, 64)) == 1).all()      # restored
+    es.set_constant_gates(module, [1.0, 1.0, 0.5, 1.0])
+    assert half == pytest.approx(es.gated_lm_loss(model, ids, 1, module), abs=1e-5) and half != suffix.baseline
+    ablation = es.head_ablation_losses(model, ids, 1, module, suffix=suffix)
+    assert ablation[2].item() == pytest.approx(es.head_gate_loss(suffix, module, 2, 0.0), abs=1e-6)
+    with pytest.raises(ValueError):
+        es.head_gate_loss(suffix, module, 4, 0.5)
 
 
 def test_closing_all_gates_equals_removing_attention_output(setup):
@@ -86,3 +112,16 @@ def test_dense_reference_matches_module_and_peak_bytes(setup):
         small = es.peak_cpu_bytes(lambda: torch.zeros(1000, 100) + 1)
         big = es.peak_cpu_bytes(lambda: torch.zeros(1000, 1000) + 1)
     assert 400_000 <= small <= 1_000_000 and 4_000_000 <= big <= 10_000_000
+
+
+def test_synaptic_memory_vs_length_band_linear_dense_quadratic(setup):
+    _, _, rec = setup
+    r = rec[1]                                     # q [2, 4, 24, 16], k [2, 2, 24, 16]
+    module = SynapticModulationMatrix(16, window_size=4)
+    rows = es.synaptic_memory_vs_length(module, r.q, r.k, (24, 96, 200))
+    assert [row["T"] for row in rows] == [24, 96, 200]
+    for row in rows:                               # at least the float32 output each form returns
+        assert row["dense_bytes"] >= 2 * 4 * row["T"] ** 2 * 4 and row["band_bytes"] >= 2 * 4 * row["T"] * 4 * 4
+    assert rows[2]["dense_bytes"] / rows[2]["band_bytes"] > 4 * rows[0]["dense_bytes"] / rows[0]["band_bytes"]
+    with pytest.raises(ValueError):
+        es.synaptic_memory_vs_length(module, r.q, r.k, (0,))

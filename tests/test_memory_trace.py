@@ -234,3 +234,19 @@ def test_select_and_repeat_rows(wrapped):
     assert row["ratio"] == pytest.approx(row["repeat"] / row["control"])
     with pytest.raises(ValueError, match="batch"):
         rep.select(1)
+
+
+@torch.no_grad()
+def test_key_cosine_is_the_mean_cosine_of_keys_lag_apart(wrapped):
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
+    trace = mt.trace_memory(wrapped(layer=0), ids, 0)
+    cos = mt.key_cosine(trace, [1, 5, 29], batch=1)
+    k = trace.keys[1]
+    for lag, value in cos.items():
+        assert value == pytest.approx(torch.nn.functional.cosine_similarity(k[lag:], k[:-lag], dim=-1).mean().item(),
+                                      abs=1e-5)
+    assert list(cos) == [1, 5, 29] and all(-1 <= v <= 1 for v in cos.values())
+    with pytest.raises(ValueError, match="lags"):
+        mt.key_cosine(trace, [0])
+    with pytest.raises(ValueError, match="lags"):
+        mt.key_cosine(trace, [30])

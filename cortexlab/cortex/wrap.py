@@ -108,6 +108,16 @@ class CortexModel(nn.Module):
         self.base._cortex_attached = False
         return self.base
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Numbers of parameters: "base" (the wrapped model), "sidecars", "trainable" (requires_grad, all
+        modules) and "base_trainable" (0 while the base is frozen)."""
+        def count(params):
+            return sum(p.numel() for p in params)
+
+        return {"base": count(self.base.parameters()), "sidecars": count(self.sidecars.parameters()),
+                "trainable": count(p for p in self.parameters() if p.requires_grad),
+                "base_trainable": count(p for p in self.base.parameters() if p.requires_grad)}
+
     # ------------------------------------------------------------------ hooks
     def _capture_mask(self, module, args, kwargs):
         """Remember the 2D padding mask of this forward (None when there is no padding)."""

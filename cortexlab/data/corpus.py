@@ -4,12 +4,14 @@ Every machine with Python has these long, real documents. A module belongs to th
 split when the SHA-256 of its file name is divisible by 5 (`HELDOUT_EVERY`), so train and
 held-out are disjoint and identical on every machine with the same Python.
 
-- `stdlib_modules(split)`: the top-level `Lib/*.py` files of a split.
+- `stdlib_modules(split)`: the top-level `Lib/*.py` files of a split; `stdlib_module(split, name)` one of them.
 - `stdlib_tokenizer(vocab_size)`: a byte-level BPE trained locally (with the `tokenizers`
   library) on the *train* split only, cached in cortexlab's cache folder.
 - `TokenCorpus(tokenizer, split)`: the split as one stream of token ids (files joined by an
   end-of-text token), with seeded random training windows and the sequential, non-overlapping
   windows used for held-out evaluation.
+- `stdlib_documents`, `module_windows`: the modules tokenised by a Hugging Face tokenizer, whole or one
+  window per module.
 """
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ def stdlib_modules(split: str) -> list[Path]:
         raise FileNotFoundError(f"no standard-library source files found in {root}")
     held = [int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0 for p in files]
     return [p for p, h in zip(files, held) if h == (split == "heldout")]
+
+
+def stdlib_module(split: str, name: str) -> Path:
+    """The module file `name` (e.g. "functools.py") of `split`; ValueError when that split does not hold it."""
+    for path in stdlib_modules(split):
+        if path.name == name:
+            return path
+    raise ValueError(f"name={name!r} is not a module of the {split!r} split (see stdlib_modules({split!r}))")
 
 
 def _read(path: Path) -> str:
@@ -152,3 +162,31 @@ def stdlib_documents(tokenizer, split: str, *, min_tokens: int = 2,
     if not docs:
         raise ValueError(f"no {split!r} module has {min_tokens} tokens or more")
     return docs
+
+
+def module_windows(tokenizer, split: str, *, names=None, count: int | None = None, start: int = 0,
+                   length: int = 128) -> torch.Tensor:
+    """One window per module: tokens [start, start + length) of each module of `split` (those in `names`,
+    all when None) that is long enough, in file-name order, the first `count` of them: [N, length] int64.
+
+    tokenizer: a Hugging Face tokenizer (no special tokens are added), e.g. SmolLM2's.
+    """
+    check_split(split)
+    for arg, value, low in (("start", start, 0), ("length", length, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+        raise ValueError(f"count must be a positive int or None, got {count!r}")
+    if isinstance(names, str):
+        raise ValueError(f"names must be a collection of module file names, not one string ({names!r})")
+    paths = stdlib_modules(split) if names is None else sorted(stdlib_module(split, name) for name in set(names))
+    windows = []
+    for path in paths:
+        ids = tokenizer(_read(path), add_special_tokens=False)["input_ids"][start:start + length]
+        if len(ids) == length:
+            windows.append(torch.tensor(ids, dtype=torch.int64))
+            if count is not None and len(windows) == count:
+                break
+    if not windows:
+        raise ValueError(f"no {split!r} module has {start + length} tokens (start={start}, length={length})")
+    return torch.stack(windows)

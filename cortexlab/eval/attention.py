@@ -14,6 +14,9 @@ mechanism takes (layouts of `cortexlab.neuro`):
 The forward itself is untouched: a pre-hook on each `self_attn` sees its inputs and the tensors are
 recomputed from the layer's own projections (tested equal to the model's eager attention).
 Memory: one [B, H, T, T] scores and probs per recorded layer; record a few layers of a short text.
+
+Where the attention goes: `recent_mass(probs, window)` (the share on the last `window` keys) and `sink_mass(probs)`
+(the share on token 0, the attention sink).
 """
 from __future__ import annotations
 
@@ -99,3 +102,24 @@ def record_attention(model, input_ids: torch.Tensor, layers, attention_mask: tor
             heads = (probs.to(v.dtype) @ v_all).transpose(1, 2)
             records[i] = AttentionRecord(i, x, q, k, v, scores, probs, heads)
     return records
+
+
+def recent_mass(probs: torch.Tensor, window: int) -> float:
+    """Mean attention share on the `window` most recent keys, sum_{0 <= i - j < window} A_ij, over the queries
+    i >= window (those that see more than `window` keys) and every leading index. probs [..., T, T], causal."""
+    if probs.dim() < 2 or probs.shape[-2] != probs.shape[-1]:
+        raise ValueError(f"probs must be [..., T, T], got shape {tuple(probs.shape)}")
+    T = probs.shape[-1]
+    if not isinstance(window, int) or not 1 <= window < T:
+        raise ValueError(f"window must be an int in [1, {T}), got {window!r}")
+    lag = torch.arange(T, device=probs.device)[:, None] - torch.arange(T, device=probs.device)[None, :]
+    recent = (lag >= 0) & (lag < window)
+    return (probs * recent).sum(-1)[..., window:].float().mean().item()
+
+
+def sink_mass(probs: torch.Tensor) -> float:
+    """Mean attention on token 0 (the attention sink), mean over every query and leading index of A_{i0}.
+    probs [..., Tq, Tk]."""
+    if probs.dim() < 2:
+        raise ValueError(f"probs must be [..., Tq, Tk], got shape {tuple(probs.shape)}")
+    return probs[..., 0].float().mean().item()

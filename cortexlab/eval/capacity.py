@@ -104,6 +104,16 @@ def make_recall_data(
     return {"keys": k, "values": v, "codebook": codebook, "labels": labels}
 
 
+def mean_key_overlap(keys: torch.Tensor) -> float:
+    """Mean |k_i . k_j| over ordered pairs of distinct keys i != j (the mean |cosine| for unit keys), the weight of
+    each crosstalk term; keys [..., n, d_k] with n >= 2, averaged over the leading axes too."""
+    if keys.dim() < 2 or keys.shape[-2] < 2:
+        raise ValueError(f"keys must be [..., n, d_k] with n >= 2, got shape {tuple(keys.shape)}")
+    n = keys.shape[-2]
+    distinct = ~torch.eye(n, dtype=torch.bool, device=keys.device)
+    return (keys @ keys.mT).abs()[..., distinct].float().mean().item()
+
+
 # --------------------------------------------------------------------------- write and read
 
 

@@ -118,3 +118,108 @@ def inhibition_run(train_heads: torch.Tensor, test_heads: torch.Tensor, num_grou
         "mean_after": after.reshape(-1, num_groups).mean(0),
         "silent_after": (after.reshape(-1, num_groups) == 0).float().mean(0),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# the same measurements on a NeuroLlama (the columns dashboard)
+
+
+def column_js_matrix(probs: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """JS(P_g, P_h) (nats) for every pair of columns [G, G], mean over batch and queries; probs [B, H, Tq, Tk] and
+    P_g the mean attention of column g's heads (query head h in column h // (H / G)). Symmetric, zero diagonal;
+    the mean of its upper triangle is `layer_specialization`'s js_columns."""
+    B, H, Tq, Tk = probs.shape
+    return pairwise_js(probs.float().reshape(B, num_groups, H // num_groups, Tq, Tk).mean(2))
+
+
+def _pre_softmax_mechanisms(config) -> list[str]:
+    found = [name for name in ("enable_hebbian_attention", "enable_habituation") if getattr(config, name)]
+    if config.enable_synaptic_modulation and config.synaptic_mode != "context_dependent":
+        found.append(f"synaptic_mode={config.synaptic_mode}")
+    return found
+
+
+@torch.no_grad()
+def record_neuro_attention(model, input_ids: torch.Tensor, layers) -> dict:
+    """`cortexlab.eval.attention.record_attention` for a `NeuroLlamaModel`: one forward of input_ids [B, T], and
+    per layer in `layers` an `AttentionRecord` with q, k (after RoPE), v, scores = q k^T / sqrt(D) + mask,
+    probs = softmax(scores) and heads = probs v [B, T, H, D] (before lateral inhibition, what it acts on).
+
+    The forward runs as the model is set (eval mode: lateral inhibition reads W, never updates it). Refuses models
+    with a mechanism that changes the scores before the softmax (Hebbian, habituation, static or matrix synaptic
+    modulation), whose probs are not the backbone's; refuses a forward that exited before a requested layer.
+    """
+    from cortexlab.eval.attention import AttentionRecord
+    from cortexlab.neuro.backbone import apply_rope, repeat_kv
+
+    unsupported = _pre_softmax_mechanisms(model.config)
+    if unsupported:
+        raise ValueError(f"record_neuro_attention cannot record a model with {', '.join(unsupported)} on")
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not layers or any(not isinstance(i, int) or not 0 <= i < len(model.layers) for i in layers):
+        raise ValueError(f"layers must be indices in [0, {len(model.layers)}), got {layers!r}")
+    inputs: dict[int, tuple] = {}
+
+    def grab(index):
+        def hook(module, args):
+            inputs[index] = args[:4]   # x (normed), cos, sin, allowed
+        return hook
+
+    handles = [model.layers[i].self_attn.register_forward_pre_hook(grab(i)) for i in layers]
+    try:
+        model(input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(layers) - set(inputs))
+    if missing:
+        raise ValueError(f"the forward exited before layers {missing} (early exit): nothing recorded there")
+    records = {}
+    for i in layers:
+        attn = model.layers[i].self_attn
+        x, cos, sin, allowed = inputs[i]
+        b, t, _ = x.shape
+        q = apply_rope(attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        scores = (q @ repeat_kv(k, attn.groups).transpose(2, 3)).float() * attn.scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(-1)
+        heads = (probs.to(v.dtype) @ repeat_kv(v, attn.groups)).transpose(1, 2)
+        records[i] = AttentionRecord(i, x, q, k, v, scores, probs, heads)
+    return records
+
+
+def learned_inhibition(model) -> dict[int, torch.Tensor]:
+    """Each layer's learnt lateral-inhibition matrix W [G, G] (row g: how strongly each column inhibits g) of a
+    NeuroLlama with enable_lateral_inhibition; {} without it."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        mech = layer.self_attn.mechanisms
+        if mech is not None and mech.lateral_inhibition is not None:
+            out[i] = mech.lateral_inhibition.get_inhibition()
+    return out
+
+
+@torch.no_grad()
+def inhibition_effect(heads: torch.Tensor, W: torch.Tensor, num_groups: int) -> dict:
+    """A fixed `LateralInhibition` W [G, G] on per-head outputs heads [B, T, H, D]: the columns' activities
+    a_g = mean |x_g| before and after a'_g = max(0, a_g - sum_h W_gh a_h). Same keys as `inhibition_run` but
+    "W_history": {"W", "activity_before"/"activity_after" [T, G] (batch 0), "corr_before"/"corr_after" [G, G],
+    "mean_before"/"mean_after" [G], "silent_after" [G]}."""
+    B, T, H, D = heads.shape
+    columns = heads.reshape(B, T, num_groups, H // num_groups, D)
+    module = LateralInhibition(num_groups)
+    module.inhibition.copy_(W)
+    before = column_activity(columns)
+    after = column_activity(module(columns))
+    return {
+        "W": module.get_inhibition(),
+        "activity_before": before[0],
+        "activity_after": after[0],
+        "corr_before": activity_correlation(before),
+        "corr_after": activity_correlation(after),
+        "mean_before": before.reshape(-1, num_groups).mean(0),
+        "mean_after": after.reshape(-1, num_groups).mean(0),
+        "silent_after": (after.reshape(-1, num_groups) == 0).float().mean(0),
+    }

@@ -80,12 +80,21 @@ def signal_trace(model, input_ids: torch.Tensor, layer: int) -> dict[str, torch.
         raise ValueError("the model's sidecars have no controller (CortexWrapConfig(controller=False))")
     with torch.no_grad(), model.recording() as traces:
         model(input_ids)
-    trace = traces[layer][0]
-    out = {"surprise": trace["surprise"], "entropy": trace["entropy"], "beta": trace["beta"],
-           "decay": trace["g"].exp(), "beta_slow": trace["beta_slow"]}
-    if "mix" in trace:
-        out["mix"] = trace["mix"]
-    return {name: t[0].float().mean(-1) for name, t in out.items()}
+    return {name: t[0] for name, t in controller_signals(traces[layer][0]).items()}
+
+
+def controller_signals(trace: dict) -> dict[str, torch.Tensor]:
+    """The controller's signals and gates in one recorded sidecar call (`CortexModel.recording`),
+    averaged over heads: [B,T] tensors surprise, entropy, beta, decay = exp(g), beta_slow and mix
+    (the last only with a window branch)."""
+    names = {"surprise": "surprise", "entropy": "entropy", "beta": "beta", "decay": "g", "beta_slow": "beta_slow",
+             "mix": "mix"}
+    missing = [key for name, key in names.items() if key not in trace and name != "mix"]
+    if missing:
+        raise ValueError(f"trace has no {missing}: record a sidecar that has a controller")
+    out = {name: trace[key].float() for name, key in names.items() if key in trace}
+    out["decay"] = out["decay"].exp()
+    return {name: t.mean(-1) for name, t in out.items()}
 
 
 def event_mask(length: int, spans) -> torch.Tensor:
@@ -95,12 +104,17 @@ def event_mask(length: int, spans) -> torch.Tensor:
     return mask
 
 
-def event_contrast(values: torch.Tensor, spans) -> dict[str, float]:
-    """Mean of a per-token signal on the event tokens vs the rest of the text, and their ratio."""
+def event_contrast(values: torch.Tensor, spans, skip: int = 0) -> dict[str, float]:
+    """Mean of a per-token signal on the event tokens E vs the rest R of the text, and their ratio
+    mean_{t in E} v_t / mean_{t in R} v_t; the first `skip` tokens belong to neither (e.g. position 0,
+    which has no context)."""
+    if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < len(values):
+        raise ValueError(f"skip must be an int in [0, {len(values)}), got {skip!r}")
     mask = event_mask(len(values), spans)
-    if not mask.any() or mask.all():
-        raise ValueError("spans must cover some but not all tokens")
-    on, off = values[mask].mean().item(), values[~mask].mean().item()
+    counted = torch.arange(len(values)) >= skip
+    if not (mask & counted).any() or not (~mask & counted).any():
+        raise ValueError(f"spans must cover some but not all of the tokens from position skip={skip} on")
+    on, off = values[mask & counted].mean().item(), values[~mask & counted].mean().item()
     return {"events": on, "rest": off, "ratio": on / off}
 
 
@@ -141,3 +155,44 @@ def repetition_effect(model, tokenizer, layer: int, *, passage_tokens: int = 120
     first_mean = surprise[skip:passage_tokens].mean().item()
     second_mean = surprise[second + skip:].mean().item()
     return {"first": first_mean, "second": second_mean, "ratio": second_mean / first_mean}
+
+
+def controller_equivalence(base, input_ids: torch.Tensor, layer: int, *, std: float = 0.02, seed: int = 0,
+                           **cfg_kwargs) -> dict:
+    """Is a sidecar with a controller at initialisation the same sidecar without one?
+
+    Attaches a sidecar on `layer` with a controller, gives it a random readout (`random_readout_`, a zero
+    one would hide any difference), copies its weights into a sidecar without a controller and compares
+    the logits on input_ids. Returns "max_diff" max |logits_ctrl - logits_plain|, "sidecar_effect"
+    max |logits_plain - logits_base| (how much the sidecar changes the base; > 0 makes the check mean
+    something) and "controller_only", the weights only the controller sidecar has. `seed` sets the sidecar's
+    initialisation and readout (the global RNG is untouched); `base` is left as it was.
+    """
+    from cortexlab.cortex import CortexWrapConfig, attach_cortex
+    from cortexlab.eval.sessions import random_readout_
+
+    cfg = dict(cfg_kwargs, layers=[layer])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with_ctrl = attach_cortex(base, CortexWrapConfig(controller=True, **cfg))
+    try:
+        random_readout_(with_ctrl, std=std, seed=seed)
+        state = with_ctrl.sidecars[str(layer)].state_dict()
+        with torch.no_grad():
+            logits_ctrl = with_ctrl(input_ids).logits
+    finally:
+        with_ctrl.detach()
+    without = attach_cortex(base, CortexWrapConfig(controller=False, **cfg))
+    try:
+        missing, unexpected = without.sidecars[str(layer)].load_state_dict(state, strict=False)
+        if missing:
+            raise RuntimeError(f"the controller sidecar lacks weights of the plain one: {missing}")
+        with torch.no_grad():
+            logits_plain = without(input_ids).logits
+            with without.disabled():
+                logits_base = without(input_ids).logits
+    finally:
+        without.detach()
+    return {"max_diff": (logits_ctrl - logits_plain).abs().max().item(),
+            "sidecar_effect": (logits_plain - logits_base).abs().max().item(),
+            "controller_only": sorted(unexpected)}

@@ -7,13 +7,14 @@ q, k and masked scores of one layer) and runs `cortexlab.neuro.HebbianAttention`
     token_spans(tokenizer, pieces)        ids [1, T] of the pieces joined, and each piece's [start, end)
     hebbian_effect(record, config)        bias, Hebbian probabilities and plain ones (eta = 0 baseline)
     span_mass(probs, queries, keys)       per-head attention mass from a span of queries onto a span of keys
+    eta_sweep(record, etas, keys=, queries=)  per eta: bias spread / score spread, and span masses onto keys
     hebbian_norm_trace(record, config)    per-head ||H||_F after every token, fed one token at a time
     reward_effect(record, config, split, rewards)  three-factor rule: H before/after a second call per reward
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,6 +76,26 @@ def span_mass(probs: torch.Tensor, queries: tuple[int, int], keys: tuple[int, in
     if not (0 <= q0 < q1 <= probs.shape[2] and 0 <= k0 < k1 <= probs.shape[3]):
         raise ValueError(f"spans {queries}, {keys} do not fit probs of shape {tuple(probs.shape)}")
     return probs[0, :, q0:q1, k0:k1].sum(-1).mean(-1)
+
+
+def eta_sweep(record: AttentionRecord, etas: Sequence[float], *, keys: tuple[int, int],
+              queries: Mapping[str, tuple[int, int]], config: HebbianConfig | None = None) -> list[dict]:
+    """`hebbian_effect` for each eta (the other settings from `config`): one row per eta with "eta",
+    "bias_ratio" = std(bias) / std(scores) over the causal entries, and for each named span of queries
+    its `span_mass` onto `keys`, averaged over heads."""
+    _check_record(record)
+    if not etas:
+        raise ValueError("etas is empty")
+    if {"eta", "bias_ratio"} & set(queries):
+        raise ValueError(f"query span names must not be 'eta' or 'bias_ratio', got {sorted(queries)}")
+    finite = torch.isfinite(record.scores)
+    score_std = record.scores[finite].std().item()
+    rows = []
+    for eta in etas:
+        effect = hebbian_effect(record, replace(config or HebbianConfig(), eta=float(eta)))
+        rows.append({"eta": float(eta), "bias_ratio": effect.bias[finite].std().item() / score_std,
+                     **{name: span_mass(effect.probs, span, keys).mean().item() for name, span in queries.items()}})
+    return rows
 
 
 def hebbian_norm_trace(record: AttentionRecord, config: HebbianConfig | None = None, *, step: int = 1

@@ -6,6 +6,12 @@ the hooks' state exactly as one forward would, see `InferenceHookPipeline`), and
 keeps the layer's habituation map h [H, t] over the t keys read so far. The last snapshot equals the
 map after one forward over the whole text.
 
+`hooked_attention(pipeline, record)` runs the pipeline's pre-attention hooks on one layer's recorded scores
+(`cortexlab.eval.attention.record_attention`), no forward pass: the probabilities after the hooks, with the
+pipeline's state (e.g. `habituation_map(record.layer)`) left as one hooked forward leaves it when the hooks act
+on that layer alone (the earlier layers, unhooked, give it the recorded scores). The habituation dashboard uses
+it to move the rate without running the model again.
+
 Memory: the KV cache of T tokens and one [H, t] map per snapshot.
 """
 from __future__ import annotations
@@ -13,9 +19,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from cortexlab.eval.attention import AttentionRecord
 from cortexlab.neuro.hooks import InferenceHookPipeline
 
-__all__ = ["habituation_over_time"]
+__all__ = ["habituation_over_time", "hooked_attention"]
 
 
 @torch.no_grad()
@@ -43,3 +50,17 @@ def habituation_over_time(model, pipeline: InferenceHookPipeline, input_ids: tor
         if attached_here:
             pipeline.detach()
     return snapshots
+
+
+@torch.no_grad()
+def hooked_attention(pipeline: InferenceHookPipeline, record: AttentionRecord) -> torch.Tensor:
+    """Probabilities [B, H, T, T] of `record`'s layer after the pipeline's pre-attention hooks (state reset first)."""
+    if not isinstance(pipeline, InferenceHookPipeline):
+        raise TypeError(f"pipeline must be an InferenceHookPipeline, got {type(pipeline).__name__}")
+    if not isinstance(record, AttentionRecord):
+        raise TypeError(f"record must be an AttentionRecord from record_attention, got {type(record).__name__}")
+    if not pipeline.acts_on(record.layer):
+        raise ValueError(f"no enabled hook of the pipeline acts on layer {record.layer}")
+    pipeline.reset()
+    scores = pipeline.apply_pre_attention(record.scores, record.layer, query=record.q, key=record.k)
+    return scores.softmax(-1).nan_to_num(0.0)

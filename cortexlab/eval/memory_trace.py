@@ -46,7 +46,7 @@ from cortexlab.ops import gated_delta_rule
 
 __all__ = [
     "BlockInput", "MemoryTrace", "block_input", "effective_rank", "lag_to_fraction", "repeat_rows", "repeat_surprise",
-    "repeat_traces", "retention", "smooth", "trace_block", "trace_memory", "with_forget_gate",
+    "key_cosine", "repeat_traces", "retention", "smooth", "trace_block", "trace_memory", "with_forget_gate",
 ]
 
 
@@ -368,3 +368,13 @@ def smooth(x: torch.Tensor, window: int) -> torch.Tensor:
     idx = torch.arange(1, len(x) + 1)
     lo = (idx - window).clamp_min(0)
     return ((c[idx] - c[lo]) / (idx - lo)).float()
+
+
+def key_cosine(trace: MemoryTrace, lags: Sequence[int], *, batch: int = 0) -> dict[int, float]:
+    """Mean cosine of keys `lag` tokens apart, mean over t and heads of k_t . k_{t+lag} (the keys are unit),
+    for each lag in `lags` (0 < lag < trace.tokens); sequence `batch` of the trace."""
+    k = trace.keys[batch]                                                               # [T, H, D_k]
+    bad = [lag for lag in lags if not (isinstance(lag, int) and 0 < lag < trace.tokens)]
+    if bad or not lags:
+        raise ValueError(f"lags must be ints in [1, {trace.tokens}) (a trace of {trace.tokens} tokens), got {lags!r}")
+    return {lag: (k[lag:] * k[:-lag]).sum(-1).mean().item() for lag in lags}

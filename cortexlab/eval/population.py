@@ -4,7 +4,10 @@ when one layer's concatenation is replaced by a vote.
 Uses `cortexlab.neuro.population` (`EntropyBasedVoting`, `ConfidenceWeightedVoting`, `combine_heads`) on
 `AttentionRecord`s from `cortexlab.eval.attention.record_attention`; nothing re-implements the voting. Notebook 12.
 
+    plain_output(record, o_proj)                the layer's own attention output o_proj(concat_h o_h) [B, T, hidden]
     voted_output(record, o_proj, weights)       the layer's attention output with heads re-weighted [B, T, hidden]
+    voting_change(record, o_proj, voter)        ||y_voted - y|| / ||y||, the relative change the vote makes
+    head_wins(weights)                          how many tokens each head has the largest weight for [H]
     lm_loss_with_voting(model, ids, layer, voter)  next-token loss with one layer's heads voted (None: unmodified)
 """
 from __future__ import annotations
@@ -33,6 +36,33 @@ def _weights(voter, heads: torch.Tensor, probs: torch.Tensor | None) -> torch.Te
     if isinstance(voter, EntropyBasedVoting):
         return voter.head_weights(probs)
     return voter.head_weights(heads)
+
+
+def plain_output(record: AttentionRecord, o_proj: nn.Module) -> torch.Tensor:
+    """y = o_proj(concat_h o_h): the layer's attention output without voting [B, T, hidden]."""
+    if not isinstance(record, AttentionRecord):
+        raise TypeError(f"record must be an AttentionRecord, got {type(record).__name__}")
+    with torch.no_grad():
+        return o_proj(record.heads.flatten(-2))
+
+
+def voting_change(record: AttentionRecord, o_proj: nn.Module,
+                  voter: EntropyBasedVoting | ConfidenceWeightedVoting) -> float:
+    """||y_voted - y|| / ||y|| over all tokens: how much the voter's head weights change the layer's output
+    (0 for a neutral voter)."""
+    if not isinstance(voter, (EntropyBasedVoting, ConfidenceWeightedVoting)):
+        raise TypeError(f"voter must be EntropyBasedVoting or ConfidenceWeightedVoting, got {type(voter).__name__}")
+    plain = plain_output(record, o_proj)
+    with torch.no_grad():
+        voted = voted_output(record, o_proj, _weights(voter, record.heads, record.probs))
+    return ((voted - plain).norm() / plain.norm()).item()
+
+
+def head_wins(weights: torch.Tensor) -> torch.Tensor:
+    """Per head h, the number of tokens t at which h has the largest weight, #{t: argmax_h' w_th' = h} [H]."""
+    if weights.dim() < 1 or weights.shape[-1] < 1:
+        raise ValueError(f"weights must be [..., H] head weights, got shape {tuple(weights.shape)}")
+    return torch.bincount(weights.argmax(-1).flatten(), minlength=weights.shape[-1])
 
 
 def lm_loss_with_voting(model, input_ids: torch.Tensor, layer: int,

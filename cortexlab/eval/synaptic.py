@@ -1,12 +1,13 @@
 """Measurements behind notebook 07 (synaptic modulation) on a real model's attention.
 
-- `head_entropy` / `entropy_vs_alpha`: how `SynapticScaling`'s per-head inverse temperature changes each head's
-  attention entropy, beside the uniform-attention ceiling (`uniform_entropy`).
-- `set_constant_gates` / `gated_lm_loss` / `head_output_share`: what a `NeuromodulatedAttention` gate does to one
-  layer of a pretrained decoder -- the language-modelling loss with the gate applied to that layer's heads (the
-  module called from a hook on `o_proj`, with the layer's normalised input as the context).
-- `dense_synaptic_reference` / `peak_cpu_bytes`: the dense T x T form of `SynapticModulationMatrix` (the oracle its
-  banded form is checked against) and the peak memory of a call, measured with the torch profiler.
+- `head_entropy` / `scaled_probs` / `entropy_vs_alpha`: how `SynapticScaling`'s per-head inverse temperature
+  changes each head's attention entropy, beside the uniform-attention ceiling (`uniform_entropy`).
+- `set_constant_gates` / `gated_lm_loss` / `head_gate_loss` / `head_output_share`: what a `NeuromodulatedAttention`
+  gate does to one layer of a pretrained decoder -- the language-modelling loss with the gate applied to that layer's
+  heads (the module called from a hook on `o_proj`, with the layer's normalised input as the context).
+- `dense_synaptic_reference` / `peak_cpu_bytes` / `synaptic_memory_vs_length`: the dense T x T form of
+  `SynapticModulationMatrix` (the oracle its banded form is checked against) and the peak memory of a call, measured
+  with the torch profiler.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cortexlab.cortex.wrap import decoder_layers
-from cortexlab.neuro import NeuromodulatedAttention, SynapticScaling
+from cortexlab.neuro import NeuromodulatedAttention, SynapticModulationMatrix, SynapticScaling
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -43,19 +44,27 @@ def uniform_entropy(seq_len: int, skip: int = 1) -> float:
     return sum(math.log(i + 1) for i in range(skip, seq_len)) / (seq_len - skip)
 
 
+@torch.no_grad()
+def scaled_probs(scores: torch.Tensor, alpha: float, head: int | None = None) -> torch.Tensor:
+    """Attention softmax_j(alpha * scores_ij) with the logits scaled by `SynapticScaling(alpha)`: every head's
+    [B, H, Tq, Tk], or head `head`'s alone [B, Tq, Tk]. scores [B, H, Tq, Tk] with the mask as -inf; alpha = 1 is
+    the model's attention."""
+    if head is not None:
+        if not isinstance(head, int) or not 0 <= head < scores.shape[1]:
+            raise ValueError(f"head must be an int in [0, {scores.shape[1]}), got {head!r}")
+        scores = scores[:, head:head + 1]
+    alpha = float(alpha)
+    scaling = SynapticScaling(scores.shape[1], init_alpha=alpha, alpha_min=min(0.1, alpha), alpha_max=max(10.0, alpha))
+    probs = scaling(scores).softmax(-1)
+    return probs if head is None else probs[:, 0]
+
+
 def entropy_vs_alpha(scores: torch.Tensor, alphas: Sequence[float], skip: int = 1) -> torch.Tensor:
-    """Per-head attention entropy [len(alphas), H] with every head's logits scaled by `SynapticScaling(alpha)`.
+    """Per-head attention entropy [len(alphas), H] of `scaled_probs(scores, alpha)` for each alpha.
 
     scores [B, H, T, T] with the causal mask as -inf (as `record_attention` returns them); alpha = 1 is the model.
     """
-    heads = scores.shape[1]
-    rows = []
-    with torch.no_grad():
-        for alpha in alphas:
-            scaling = SynapticScaling(heads, init_alpha=float(alpha), alpha_min=min(0.1, float(alpha)),
-                                      alpha_max=max(10.0, float(alpha)))
-            rows.append(head_entropy(scaling(scores).softmax(-1), skip))
-    return torch.stack(rows)
+    return torch.stack([head_entropy(scaled_probs(scores, alpha), skip) for alpha in alphas])
 
 
 @torch.no_grad()
@@ -156,19 +165,26 @@ class LayerSuffix:
         return _lm_loss(logits, self.input_ids)
 
 
+def head_gate_loss(suffix: LayerSuffix, module: NeuromodulatedAttention, head: int, g: float) -> float:
+    """`suffix.loss(module)` with head `head`'s gate held at g and every other gate at 1 (g_h = g, g_h' = 1);
+    restores all gates to 1 after."""
+    if not isinstance(head, int) or not 0 <= head < module.num_heads:
+        raise ValueError(f"head must be an int in [0, {module.num_heads}), got {head!r}")
+    gates = torch.ones(module.num_heads)
+    gates[head] = g
+    set_constant_gates(module, gates)
+    try:
+        return suffix.loss(module)
+    finally:
+        set_constant_gates(module, torch.ones(module.num_heads))
+
+
 def head_ablation_losses(model, input_ids: torch.Tensor, layer: int, module: NeuromodulatedAttention,
                          suffix: LayerSuffix | None = None) -> torch.Tensor:
-    """LM loss [H] with one head's gate closed (g_h = 0, the others 1) at a time; restores the gates to 1 after.
+    """LM loss [H] with one head's gate closed (g_h = 0, the others 1) at a time: `head_gate_loss(.., h, 0)`.
     Pass a `LayerSuffix` of the same model, ids and layer to skip recomputing the layers before `layer`."""
     suffix = suffix or LayerSuffix(model, input_ids, layer)
-    losses = []
-    for h in range(module.num_heads):
-        gates = torch.ones(module.num_heads)
-        gates[h] = 0.0
-        set_constant_gates(module, gates)
-        losses.append(suffix.loss(module))
-    set_constant_gates(module, torch.ones(module.num_heads))
-    return torch.tensor(losses)
+    return torch.tensor([head_gate_loss(suffix, module, h, 0.0) for h in range(module.num_heads)])
 
 
 @torch.no_grad()
@@ -210,3 +226,22 @@ def peak_cpu_bytes(fn: Callable[[], object]) -> int:
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return int(peak)
+
+
+@torch.no_grad()
+def synaptic_memory_vs_length(matrix: SynapticModulationMatrix, q: torch.Tensor, k: torch.Tensor,
+                              lengths: Sequence[int]) -> list[dict]:
+    """Peak CPU bytes (`peak_cpu_bytes`) of the banded strengths `matrix.compute_synaptic_strength(q, k)`,
+    O(T w), and of `dense_synaptic_reference`, O(T^2), at each length T: one dict {"T", "band_bytes",
+    "dense_bytes"} per T. q [B, H, T0, D], k [B, H_kv, T0, D] are tiled along the sequence to T (the bytes
+    depend only on the shapes)."""
+    rows = []
+    for length in lengths:
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"lengths must be positive ints, got {length!r}")
+        reps = -(-length // q.shape[2])
+        q_t, k_t = q.repeat(1, 1, reps, 1)[:, :, :length], k.repeat(1, 1, reps, 1)[:, :, :length]
+        band = peak_cpu_bytes(lambda: matrix.compute_synaptic_strength(q_t, k_t))
+        dense = peak_cpu_bytes(lambda: dense_synaptic_reference(matrix.weight, q_t, k_t, matrix.window_size))
+        rows.append({"T": length, "band_bytes": band, "dense_bytes": dense})
+    return rows

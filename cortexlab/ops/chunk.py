@@ -42,11 +42,11 @@ def _from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     return x.movedim(2, 1).to(dtype)
 
 
-def _intra_chunk(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
-    """Per-chunk quantities of the UT transform.
+def intra_chunk(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
+    """Per-chunk quantities of the UT transform, on k [..., C, D_k], g and beta [..., C].
 
-    Returns gamma [B,H,N,C], the inclusive decay matrix M [.., C, C] (zero above the
-    diagonal), kkM = (K K^T * M) strictly below the diagonal (so A = diag(beta) kkM) and
+    Returns gamma = cumsum(g) [..., C], the inclusive decay matrix M_ij = exp(gamma_i - gamma_j)
+    [..., C, C] (zero above the diagonal), kkM = (K K^T * M) strictly below the diagonal (so A = diag(beta) kkM) and
     the UT transform T = (I + A)^-1, formed once by a unit-triangular solve so that both
     passes apply it (and its transpose) as plain matrix products.
     """
@@ -61,11 +61,11 @@ def _intra_chunk(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
     return gamma, M, kkM, T
 
 
-def chunk_forward(q, k, v, g, beta, scale, h0, chunk_size):
+def chunk_forward(q, k, v, g, beta, scale, h0):
     """Chunked forward on [B,H,N,C,*] tensors. Returns o, final state and what backward needs."""
     B, H, N, _, Dk = k.shape
     Dv = v.shape[-1]
-    gamma, M, kkM, T = _intra_chunk(k, g, beta)
+    gamma, M, kkM, T = intra_chunk(k, g, beta)
     Gamma = gamma.exp()
     UW = T @ torch.cat([beta[..., None] * v, (beta * Gamma)[..., None] * k], dim=-1)
     U, Wk = UW.split([Dv, Dk], dim=-1)
@@ -186,7 +186,7 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
             if initial_state is not None
             else kc.new_zeros(B, H, Dk, vc.shape[-1])
         )
-        o, h_final, saved = chunk_forward(qc, kc, vc, gc, bc, scale, h0, chunk_size)
+        o, h_final, saved = chunk_forward(qc, kc, vc, gc, bc, scale, h0)
         ctx.save_for_backward(qc, kc, vc, bc, *saved)
         ctx.meta = (T, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
                     None if initial_state is None else initial_state.dtype)

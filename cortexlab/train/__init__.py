@@ -8,29 +8,26 @@
 - `mqar`: E1, multi-query associative recall with small models trained from scratch.
 - `common`: atomic result and checkpoint writes, the git revision and environment recorded with results.
 """
-from .longtext import LongTextConfig, evaluate_longtext, train_longtext
-from .lm import ABLATION_VARIANTS, LMTrainConfig, evaluate_lm, train_lm, train_lm_ablation
-from .recall import (
-    EVAL_SEED,
-    CropPlan,
-    RecallEvalSet,
-    RecallTrainConfig,
-    advance_memory,
-    answer_loss,
-    answer_metrics,
-    crop_plan,
-    episode_forward,
-    evaluate_recall,
-    load_checkpoint,
-    memory_only_depth,
-    neutralise_controller_,
-    parse_curriculum,
-    question_logits,
-    save_adapter,
-    save_checkpoint,
-    sidecar_inputs,
-    train_recall,
-)
+import importlib
+
+_EXPORTS = {
+    "longtext": ("LongTextConfig", "evaluate_longtext", "train_longtext"),
+    "lm": ("ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "train_lm", "train_lm_ablation"),
+    "recall": ("EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss",
+               "answer_metrics", "crop_plan", "episode_forward", "evaluate_recall", "load_checkpoint",
+               "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
+               "save_checkpoint", "sidecar_inputs", "train_recall"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    """Import a recipe module on first use (`cortexlab.train.mqar` alone does not pay for the others)."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "ABLATION_VARIANTS", "CropPlan", "EVAL_SEED", "LMTrainConfig", "LongTextConfig", "RecallEvalSet",

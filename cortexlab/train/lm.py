@@ -15,7 +15,8 @@ cross-entropy (nats per token) over the first `eval_windows` consecutive held-ou
 and at the end (in eval mode: an early-exit model exits where it is confident, so its held-out loss includes its
 exits); with early exit on, also the per-token saving/loss trade-off and the wall clock of real exits
 (`cortexlab.eval.early_exit`). Checkpoints (model + optimizer as safetensors, trainer state as JSON) are
-atomic; `--resume` continues from the latest one.
+atomic; `--resume` continues from the latest one. `--model-out DIR` keeps the final model (`save_neurollama`:
+fp16 weights, its config and a card), which `load_neurollama` rebuilds in fp32.
 
 The ablation trains the same recipe (same seed, data and steps) once per variant of `ABLATION_VARIANTS`: every
 mechanism off ("baseline") and each mechanism on alone, and reports the held-out loss of each beside the baseline.
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from cortexlab.data.corpus import TokenCorpus, stdlib_tokenizer
 from cortexlab.neuro.backbone import NeuroLlamaModel, create_neurollama
@@ -48,7 +49,8 @@ from .common import (
     write_json_atomic,
 )
 
-__all__ = ["ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "train_lm", "train_lm_ablation"]
+__all__ = ["ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "load_neurollama", "load_neurollama_tokenizer",
+           "save_neurollama", "train_lm", "train_lm_ablation"]
 
 ABLATION_VARIANTS = {
     "baseline": {},
@@ -164,6 +166,44 @@ def _load_checkpoint(directory: Path, model, optimizer) -> dict | None:
     return state
 
 
+def save_neurollama(model: NeuroLlamaModel, directory, card: dict, tokenizer=None,
+                    dtype: torch.dtype = torch.float16) -> Path:
+    """Write `model` to `directory`: model.safetensors (floating tensors cast to `dtype`, buffers such as the learnt
+    lateral inhibition included), config.json (its NeuroLlamaConfig), card.json (`card`: how it was made) and,
+    given a `tokenizers.Tokenizer`, tokenizer.json (so the folder is complete on any Python version)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+               for name, t in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(model.config.to_json())
+    if tokenizer is not None:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    write_json_atomic(directory / "card.json", card)
+    return directory
+
+
+def load_neurollama(directory) -> NeuroLlamaModel:
+    """The model `save_neurollama` wrote to `directory`, rebuilt in fp32 and in eval mode."""
+    directory = Path(directory)
+    config = NeuroLlamaConfig.from_json((directory / "config.json").read_text())
+    model = create_neurollama(config)
+    model.load_state_dict({name: t.float() for name, t in load_file(str(directory / "model.safetensors")).items()})
+    return model.eval()
+
+
+def load_neurollama_tokenizer(directory):
+    """The tokenizer saved beside a NeuroLlama (tokenizer.json), else `stdlib_tokenizer` of its vocabulary size
+    (folders written before tokenizers were saved; that tokenizer is rebuilt per Python version)."""
+    from tokenizers import Tokenizer
+
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(directory / "tokenizer.json"))
+    config = NeuroLlamaConfig.from_json((directory / "config.json").read_text())
+    return stdlib_tokenizer(config.vocab_size)
+
+
 def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, progress: bool = True,
              accelerator=None) -> dict:
     """Train one NeuroLlama from `cfg`; returns the results dict, with the trained model under "model"."""
@@ -221,7 +261,7 @@ def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, p
         dt = time.time() - t0
         train_seconds += dt
         history.append({"step": step + 1, "loss": round(lm_loss.item(), 5),
-                        "aux_loss": None if aux is None else round(float(aux), 5),
+                        "aux_loss": None if aux is None else round(float(aux.detach()), 5),
                         "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
                         "lr": cfg.lr_at(step), "seconds": round(dt, 3)})
         bar.set_postfix(loss=f"{lm_loss.item():.3f}")
@@ -331,6 +371,9 @@ def add_cli(sub) -> None:
         p.add_argument("--resume", action="store_true")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--no-progress", action="store_true")
+        if name == "neuro-lm":
+            p.add_argument("--model-out", default=None,
+                           help="also write the final model here (fp16 model.safetensors, config.json, card.json)")
         if name == "neuro-ablation":
             p.add_argument("--variants", default=",".join(ABLATION_VARIANTS),
                            help=f"comma-separated subset of {', '.join(ABLATION_VARIANTS)}")
@@ -352,9 +395,15 @@ def run_cli(args, command: str) -> dict:
     meta = {"command": command, "git": git_revision(), "environment": environment()}
     if args.recipe == "neuro-lm":
         result = train_lm(cfg, checkpoint_dir=checkpoints, resume=args.resume, progress=not args.no_progress)
-        result.pop("model")
+        model = result.pop("model")
         write_json_atomic(out, {**meta, **result})
-        return {"out": str(out), "heldout_loss": result["heldout"]["loss"]}
+        summary = {"out": str(out), "heldout_loss": result["heldout"]["loss"]}
+        if args.model_out:
+            card = {"command": command, "git": meta["git"], "results": str(out),
+                    "heldout_loss": summary["heldout_loss"], "tokenizer": f"stdlib_tokenizer({cfg.vocab_size})",
+                    "parameters": result["parameters"], "dtype": "float16"}
+            summary["model_out"] = str(save_neurollama(model, args.model_out, card, stdlib_tokenizer(cfg.vocab_size)))
+        return summary
     names = [n for n in args.variants.split(",") if n]
     unknown = sorted(set(names) - set(ABLATION_VARIANTS))
     if unknown:

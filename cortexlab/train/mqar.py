@@ -251,12 +251,13 @@ class MQARTrainConfig:
         return warmup_cosine_lr(step, self.lr, self.steps, self.warmup_steps, self.min_lr_ratio)
 
 
-def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None) -> dict:
+def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None, on_step=None) -> dict:
     """Train one model from `cfg` and evaluate it on the held-out set; the result dict holds the model under "model".
 
     Result: "accuracy" (held-out, at the end), "untrained_accuracy", "chance", "steps" (taken; fewer than
     cfg.steps when `stop_accuracy` was reached), "evals" (step, accuracy, mean train loss since the last eval),
     "state_size" (per layer), "parameters", "train_seconds".
+    `on_step(steps_done, loss)`, if given, is called after every optimisation step (e.g. to drive a progress bar).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -293,6 +294,8 @@ def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None)
         optimizer.step()
         train_seconds += time.time() - t0
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             final = evaluate_mqar(unwrapped, test_inputs, test_labels)
             accuracy = final["accuracy"]

@@ -63,3 +63,14 @@ def activity_figure(before, after, *, title: str | None = None) -> go.Figure:
     fig.update_layout(xaxis_title="token", yaxis_title="column activity mean |x|",
                       title=title or "column activity before and after inhibition")
     return fig
+
+
+def column_js_figure(matrix, *, title: str | None = None) -> go.Figure:
+    """Heatmap of the pairwise JS divergence between columns [G, G] (`cortexlab.eval.columns.column_js_matrix`)."""
+    z = matrix.tolist()
+    names = [f"col {g}" for g in range(len(z))]
+    fig = go.Figure(go.Heatmap(z=z, x=names, y=names, zmin=0, colorscale="Viridis", colorbar={"title": "nats"},
+                               text=[[f"{v:.3f}" for v in row] for row in z], texttemplate="%{text}"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(height=360, title=title or "Jensen-Shannon divergence between columns")
+    return fig

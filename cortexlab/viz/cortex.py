@@ -169,3 +169,69 @@ def repeat_figure(rows: Sequence[Mapping], *, title: str | None = None, height: 
     fig.update_xaxes(type="log", title_text="length L of the text X (tokens)")
     fig.update_layout(title=title, height=height, template="plotly_white", legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+def _checkpoint_index(trace: MemoryTrace, checkpoint: int) -> int:
+    count = len(trace.checkpoints)
+    if not isinstance(checkpoint, int) or isinstance(checkpoint, bool) or not -count <= checkpoint < count:
+        raise ValueError(f"checkpoint must be an int in [{-count}, {count - 1}], got {checkpoint!r}")
+    return checkpoint % count
+
+
+def state_heatmap(trace: MemoryTrace, checkpoint: int, head: int, *, tokens: Sequence[str] | None = None,
+                  batch: int = 0, height: int = 430) -> go.Figure:
+    """S [D_k, D_v] of one head after `trace.checkpoints[checkpoint]` tokens, as a heatmap.
+
+    The colour range is fixed to the largest |S_ij| over all checkpoints of that head, so the
+    memory visibly fills (and fades) while a player scrubs through the tokens. `tokens`: the
+    text of each token read, named in the title.
+    """
+    index = _checkpoint_index(trace, checkpoint)
+    heads = trace.states.shape[2]
+    if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < heads:
+        raise ValueError(f"head must be an int in [0, {heads - 1}], got {head!r}")
+    states = trace.states[batch, :, head]
+    bound = float(states.abs().max()) or 1.0
+    read = int(trace.checkpoints[index])
+    last = f" (last: {tokens[read - 1]!r})" if tokens is not None and read > 0 else ""
+    fig = go.Figure(go.Heatmap(z=states[index].numpy(), zmin=-bound, zmax=bound, colorscale="RdBu", reversescale=True,
+                               colorbar=dict(title="S_ij"), hovertemplate="key dim %{y}, value dim %{x}: %{z:.3g}"))
+    fig.update_layout(title=f"memory S of head {head} after {read} tokens{last}", height=height,
+                      template="plotly_white", xaxis_title="value dimension", yaxis_title="key dimension",
+                      yaxis_autorange="reversed")
+    return fig
+
+
+def state_summary_figure(trace: MemoryTrace, *, checkpoint: int | None = None, batch: int = 0,
+                         height: int = 430) -> go.Figure:
+    """||S||_F and the effective rank of S (exp of the entropy of its normalised singular values)
+    at every checkpoint, one line per head; `checkpoint` draws a marker at that point."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=("‖S‖_F", "effective rank of S"))
+    xs = trace.checkpoints.numpy()
+    norm, rank = trace.state_norm[batch], trace.effective_rank[batch]
+    for h in range(norm.shape[-1]):
+        color = HEAD_COLORS[h % len(HEAD_COLORS)]
+        for row, series in enumerate((norm, rank), start=1):
+            fig.add_trace(go.Scatter(x=xs, y=series[:, h].numpy(), name=f"head {h}", legendgroup=f"h{h}",
+                                     showlegend=row == 1, mode="lines", line=dict(color=color)), row=row, col=1)
+    if checkpoint is not None:
+        fig.add_vline(x=int(trace.checkpoints[_checkpoint_index(trace, checkpoint)]),
+                      line=dict(color="black", dash="dot", width=1))
+    fig.update_xaxes(title_text="tokens read", row=2, col=1)
+    fig.update_layout(height=height, template="plotly_white", legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def read_figure(trace: MemoryTrace, tokens: Sequence[str], *, batch: int = 0, height: int = 330) -> go.Figure:
+    """What each token of a call read from memory: ||o_t|| = ||scale S_t^T q_t|| per head, as bars."""
+    if len(tokens) != trace.tokens:
+        raise ValueError(f"tokens has {len(tokens)} entries but the trace has {trace.tokens} tokens")
+    fig = go.Figure()
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    for h in range(trace.read_norm.shape[-1]):
+        fig.add_trace(go.Bar(x=labels, y=trace.read_norm[batch, :, h].numpy(), name=f"head {h}",
+                             marker_color=HEAD_COLORS[h % len(HEAD_COLORS)]))
+    fig.update_layout(title="what the question read from memory: ‖o_t‖ = ‖scale S_tᵀ q_t‖", barmode="group",
+                      height=height, template="plotly_white", yaxis_title="‖o_t‖", xaxis_tickangle=-45)
+    return fig

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["MIXER_COLORS", "mqar_figure", "mqar_rows", "position_loss_figure", "recall_figure",
+__all__ = ["MIXER_COLORS", "mqar_figure", "mqar_live_figure", "mqar_rows", "position_loss_figure", "recall_figure",
            "throughput_figure", "version_retention_figure"]
 
 MIXER_COLORS = {"attention": "#1f77b4", "sliding_window": "#ff7f0e", "gdn": "#2ca02c", "hybrid": "#9467bd"}
@@ -149,4 +149,24 @@ def version_retention_figure(persistence: Mapping, *, height: int = 400) -> go.F
     fig.update_layout(height=height, template="plotly_white", xaxis_type="log", yaxis_range=[0, 1.02],
                       xaxis_title="tokens after the write", yaxis_title="retained fraction",
                       title="E4: memory persistence (dotted: the forget gate alone)")
+    return fig
+
+
+def mqar_live_figure(runs: Mapping[str, Mapping], *, title: str = "E1 live: tiny MQAR",
+                     height: int = 400) -> go.Figure:
+    """E1 live: held-out accuracy vs training step for each finished `train_mqar` result in `runs` (by mixer), from
+    the untrained model at step 0; chance dotted."""
+    if not runs:
+        raise ValueError("runs is empty")
+    fig = go.Figure()
+    for mixer, run in runs.items():
+        fig.add_trace(go.Scatter(x=[0] + [e["step"] for e in run["evals"]],
+                                 y=[run["untrained_accuracy"]] + [e["accuracy"] for e in run["evals"]],
+                                 name=f'{mixer}: {run["accuracy"]:.2f} after {run["steps"]} steps',
+                                 mode="lines+markers", line=dict(color=MIXER_COLORS.get(mixer))))
+    fig.add_hline(y=min(r["chance"] for r in runs.values()), line=dict(color="gray", dash="dot", width=1),
+                  annotation_text="chance")
+    fig.update_layout(height=height, template="plotly_white", yaxis_range=[-0.02, 1.02], title=title,
+                      xaxis_title="training step", yaxis_title="held-out accuracy",
+                      legend=dict(orientation="h", y=-0.25))
     return fig

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from .labels import token_labels
 
@@ -68,4 +69,26 @@ def layer_decay_figure(rows: Sequence[Mapping], *, title: str = "AttentionDecay 
                         line=dict(color=color))
     fig.update_layout(title=title, height=height, xaxis_title="layer", yaxis=dict(title="mass on token 0"),
                       yaxis2=dict(title="mean entropy (nats)", overlaying="y", side="right"))
+    return fig
+
+
+def attention_before_after_figure(before: torch.Tensor, after: torch.Tensor, tokens: Sequence[str] | None = None, *,
+                                  title: str = "Attention before and after habituation",
+                                  height: int = 420) -> go.Figure:
+    """Two heatmaps side by side of one head's attention [T queries, T keys]: the model's, then habituated."""
+    if not all(isinstance(a, torch.Tensor) and a.ndim == 2 for a in (before, after)) or before.shape != after.shape:
+        raise ValueError(f"before and after must be [T, T] tensors of one shape, got "
+                         f"{getattr(before, 'shape', before)!r} and {getattr(after, 'shape', after)!r}")
+    labels = token_labels(tokens, before.shape[-1])
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("before (the model)", "after habituation"))
+    for col, probs in enumerate((before, after), start=1):
+        fig.add_trace(go.Heatmap(z=probs.detach().float().tolist(), x=labels, y=labels, colorscale="Blues", zmin=0,
+                                 zmax=1, showscale=col == 2, colorbar=dict(title="p"),
+                                 hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.3f}<extra></extra>"),
+                      row=1, col=col)
+    fig.update_xaxes(title="key token", showticklabels=False)
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_yaxes(title="query token", row=1, col=1)
+    fig.update_layout(title=title, height=height)
     return fig

@@ -1,0 +1,6 @@
+import panel as pn
+
+from cortexlab.apps.habituation import HabituationApp
+
+pn.extension("plotly")
+HabituationApp().page().servable()

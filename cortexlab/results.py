@@ -1,0 +1,31 @@
+"""Where the committed results live: `results/*.json` (each with the command that produced it) and
+`results/adapters`, `results/models` (the trained checkpoints the notebooks and dashboards load).
+
+`results_dir()` is $CORTEXLAB_RESULTS when set, else the `results/` folder of the source checkout the
+package runs from.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["load_result", "results_dir"]
+
+
+def results_dir() -> Path:
+    """The results folder ($CORTEXLAB_RESULTS, else the checkout's `results/`); FileNotFoundError if absent."""
+    override = os.environ.get("CORTEXLAB_RESULTS")
+    path = Path(override) if override else Path(__file__).resolve().parents[1] / "results"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no results folder at {path}; use a cortexlab source checkout or set "
+                                "CORTEXLAB_RESULTS to the folder that holds results/*.json and results/adapters")
+    return path
+
+
+def load_result(name: str) -> dict | None:
+    """The parsed `results/<name>` (e.g. "recall_across_calls.json"), or None when that run has not been made."""
+    if not isinstance(name, str) or not name.endswith(".json") or Path(name).name != name:
+        raise ValueError(f"name must be the file name of a results JSON such as 'cortex_v1_v2.json', got {name!r}")
+    path = results_dir() / name
+    return json.loads(path.read_text()) if path.is_file() else None
