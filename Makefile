@@ -27,9 +27,10 @@ setup: $(STAMP) browser
 
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
-	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium; \
-	  else echo "note: Debian's chromium is not installed and there is no root/sudo: the browser tests will be skipped"; fi; }
+	  if ! command -v apt-get >/dev/null 2>&1; then echo "note: no apt-get here; install Chromium at /usr/bin/chromium for the browser tests"; \
+	  elif [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif sudo -n true 2>/dev/null; then sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: Debian's chromium is not installed and there is no root or password-less sudo: the browser tests will be skipped"; fi; }
 
 test: setup
 	$(BIN)/pytest --nbmake tests notebooks

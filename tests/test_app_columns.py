@@ -119,10 +119,10 @@ def test_layer_changes_matrix(app):
 
 
 def test_switch_to_neurollama(app):
+    slider = app.controls()[3]                                    # the slider already on the page
     app.layer = 25
     app.model_name = app_columns.NEURO
-    slider = app.controls()[3]
-    assert app.param.layer.bounds == (0, 1) and app.layer == 1 and slider.end == 1
+    assert app.param.layer.bounds == (0, 1) and app.layer == 1 and (slider.end, slider.value) == (1, 1)
     assert len(app.matrix_pane.object.data[0].z) == 4
     assert "learnt W" in app.inhibition_pane.object.layout.title.text
     assert [round(x) for x in app.specialization_pane.object.data[0].x] == [0, 1]
@@ -144,13 +144,29 @@ def test_bad_text_keeps_views(app):
     assert not app.message.visible and app.matrix_pane.object is not figure
 
 
+def test_failed_model_switch_puts_the_select_back(neuro, monkeypatch):
+    app = app_columns.ColumnsApp(*common.base_model(), *neuro, text="Columns compete for tokens.")
+    select, analyse = app.controls()[0], app._analyse
+
+    def refuse_neurollama(name, text):
+        if name == app_columns.NEURO:
+            raise RuntimeError("this model cannot be analysed")
+        return analyse(name, text)
+
+    monkeypatch.setattr(app, "_analyse", refuse_neurollama)
+    figure = app.specialization_pane.object
+    select.value = app_columns.NEURO
+    assert app.model_name == app_columns.SMOL and select.value == app_columns.SMOL
+    assert app.message.visible and "cannot be analysed" in app.message.object
+    assert app.specialization_pane.object is figure and not app.matrix_pane.loading
+
+
 def test_missing_neurollama_still_shows_smollm2(tmp_path, monkeypatch):
     monkeypatch.setenv("CORTEXLAB_RESULTS", str(tmp_path))
     missing = app_columns.ColumnsApp(*common.base_model(), text="Hello there, columns.")
     assert missing.notice.visible and app_columns.NEURO_DIR in missing.notice.object
     assert missing.param.model_name.objects == [app_columns.SMOL] and missing.matrix_pane.object is not None
     assert app_columns.ColumnsApp.param.model_name.objects == [app_columns.SMOL, app_columns.NEURO]
-    assert len(missing.page().main) == 2
 
 
 def test_committed_neurollama():

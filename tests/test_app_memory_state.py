@@ -86,3 +86,23 @@ def test_check_text_names_the_argument():
             common.check_text(bad, "question")
     with pytest.raises(ValueError, match="limit is 5"):
         common.check_text("abcdefg", "question", max_chars=5)
+
+
+def test_too_many_tokens_and_closing_the_tab(model):
+    app = MemoryStateApp(model=model)
+    digits = " ".join(str(i) for i in range(400))                # < MAX_TEXT_CHARS characters, > MAX_TOKENS tokens
+    assert len(digits) <= common.MAX_TEXT_CHARS
+    assert app.read(digits) is False and "tokens long" in app.message.object
+    assert len(app.history["session 1"]) == 1
+    app.session = "session 2"
+    app.read("Another session.")
+    ids = [app._session_id(s) for s in ("session 1", "session 2")]
+    assert all(model.sessions.get(i) is not None for i in ids)
+    app.close()                                                   # what the served page does when the tab goes
+    assert all(model.sessions.get(i) is None for i in ids)
+    assert app.ask("What is the pass key?") is False               # the store lost the session: said on the page
+    assert app.message.visible and "read nothing" in app.message.object
+
+
+def test_user_text_is_shown_verbatim():
+    assert common.escape_markdown("**x** <b>y</b> `z`") == r"\*\*x\*\* &lt;b&gt;y&lt;/b&gt; \`z\`"

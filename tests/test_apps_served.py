@@ -138,18 +138,14 @@ def _settle(page, timeout: float = 60_000) -> None:
     page.locator(".pn-loading").first.wait_for(state="detached", timeout=timeout)
 
 
-def _open(browser, url: str, screenshots: Path, name: str):
+def _open(browser, url: str):
+    """A new tab on `url`, once its first plot is drawn, and the list its JavaScript errors go to.
+    (`benchmarks/bench_apps_paint.py` times this first paint.)"""
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    start = time.monotonic()
     page.goto(url)
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-    paint = time.monotonic() - start
-    (screenshots / "paint_seconds.json").touch()
-    times = json.loads((screenshots / "paint_seconds.json").read_text() or "{}")
-    times[name] = round(paint, 2)
-    (screenshots / "paint_seconds.json").write_text(json.dumps(times, indent=1))
     return page, errors
 
 
@@ -176,7 +172,7 @@ def test_browser_index_links_every_app(browser, server, screenshots):
 
 def test_browser_memory_state(browser, server, screenshots):
     url, _ = server
-    page, errors = _open(browser, url + "/memory_state", screenshots, "memory_state")
+    page, errors = _open(browser, url + "/memory_state")
     title = "el.layout.title.text"
     before = _plot_state(page, 0, title)
     assert "head 0" in before
@@ -192,7 +188,7 @@ def test_browser_memory_state(browser, server, screenshots):
 
 def test_browser_habituation(browser, server, screenshots):
     url, _ = server
-    page, errors = _open(browser, url + "/habituation", screenshots, "habituation")
+    page, errors = _open(browser, url + "/habituation")
     title = "el.layout.title.text"
     before = _plot_state(page, 0, title)
     assert "layer 17" in before
@@ -206,7 +202,7 @@ def test_browser_habituation(browser, server, screenshots):
 
 def test_browser_inverse_scaling(browser, server, screenshots):
     url, _ = server
-    page, errors = _open(browser, url + "/inverse_scaling", screenshots, "inverse_scaling")
+    page, errors = _open(browser, url + "/inverse_scaling")
     title = "el.layout?.title?.text"
     before = _plot_state(page, 0, title)
     assert "E2" in before
@@ -220,11 +216,11 @@ def test_browser_inverse_scaling(browser, server, screenshots):
 
 def test_browser_columns(browser, server, screenshots):
     url, _ = server
-    page, errors = _open(browser, url + "/columns", screenshots, "columns")
+    page, errors = _open(browser, url + "/columns")
     title = "el.layout.title.text"
     page.locator(".js-plotly-plot").nth(1).wait_for(timeout=60_000)
     before = _plot_state(page, 1, title)              # the column JS matrix of the chosen layer
-    _move_slider(page, "Layer")
+    _move_slider(page, "layer")
     assert _wait_for_change(page, 1, title, before) != before
     layers = _plot_state(page, 0, "el.data[0].x")      # JS per layer: SmolLM2's 30 layers, then NeuroLlama's 4
     page.locator("select").first.select_option(label="NeuroLlama (trained columns)")
@@ -233,3 +229,47 @@ def test_browser_columns(browser, server, screenshots):
     page.screenshot(path=str(screenshots / "columns.png"), full_page=True)
     assert not errors, errors
     page.close()
+
+
+def test_browser_two_tabs_never_share_memory(browser, server):
+    """Tab one reads a second pass key; tab two, asked afterwards, still recalls only its own (40213)."""
+    url, _ = server
+    one, errors_one = _open(browser, url + "/memory_state")
+    two, errors_two = _open(browser, url + "/memory_state")
+    for page in (one, two):
+        page.get_by_text("1 call(s) read").first.wait_for(timeout=60_000)
+    one.locator("textarea").first.fill("Bob keeps bees on the roof. The pass key is 77777. Remember it.")
+    one.locator("textarea").first.press("Tab")
+    one.get_by_role("button", name="Read into memory").click()
+    one.get_by_text("2 call(s) read").first.wait_for(timeout=60_000)
+    two.get_by_role("button", name="Ask").click()
+    answer = two.locator("p", has_text="with the session's memory").first
+    answer.wait_for(timeout=60_000)
+    text = answer.inner_text()
+    assert "40213" in text and "77777" not in text, text
+    assert not errors_one and not errors_two, errors_one + errors_two
+    one.close()
+    two.close()
+
+
+def test_browser_ten_concurrent_sessions_recall_their_own_memory(browser, server):
+    """10 tabs open at once, each asks its question while the others are still working; each gets its answer from
+    its own session, with no error in any page or in the server log."""
+    url, log = server
+    pages, errors = [], []
+    for _ in range(10):
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url + "/memory_state", wait_until="commit")
+        pages.append(page)
+    for page in pages:
+        page.get_by_text("1 call(s) read").first.wait_for(timeout=240_000)
+    for page in pages:                                  # queue all ten questions before reading any answer
+        page.get_by_role("button", name="Ask").click()
+    for page in pages:
+        answer = page.locator("p", has_text="with the session's memory").first
+        answer.wait_for(timeout=240_000)
+        assert "40213" in answer.inner_text()
+        page.close()
+    assert not errors, errors
+    assert not _errors(log), _errors(log)

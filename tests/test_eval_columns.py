@@ -50,3 +50,22 @@ def test_inhibition_run_no_op_before_and_learns(records):
     assert torch.allclose(out["corr_before"], out["corr_before"].T) and out["corr_before"][0, 0] == pytest.approx(1)
     same = ec.inhibition_run(heads, heads, 3, steps=0)
     assert torch.equal(same["activity_before"], same["activity_after"])
+
+
+def test_tier_summary_averages_each_tier():
+    from cortexlab.eval.columns import tier_summary
+    from cortexlab.neuro import HierarchicalColumnOrganizer
+
+    organizer = HierarchicalColumnOrganizer(6, 3)
+    rows = [{"layer": layer, "js_columns": float(layer), "js_between": 2.0 * (layer + 1), "js_within": layer + 1.0}
+            for layer in range(6)]
+    distance = [10.0 * layer for layer in range(6)]
+    summary = tier_summary(rows, distance, organizer)
+    assert [s["tier"] for s in summary] == ["syntactic", "semantic", "abstract"]
+    for s in summary:
+        layers = list(organizer.layer_range(s["tier"]))
+        assert (s["first_layer"], s["last_layer"]) == (layers[0], layers[-1])
+        assert s["js_columns"] == pytest.approx(sum(layers) / len(layers))
+        assert s["distance"] == pytest.approx(10 * sum(layers) / len(layers))
+        assert s["across_within"] == pytest.approx(2.0)
+    assert [s["tier"] for s in tier_summary(rows[:1], distance, organizer)] == ["syntactic"]

@@ -15,7 +15,7 @@ APPS = {
                      "token: heatmap, norm, effective rank, gates and controller signals; then ask a question in a "
                      "later call and compare with the memory reset."),
     "habituation": ("Habituation maps",
-                    "The inference hooks on SmolLM2: which keys each head has habituated to (tokens x heads, per "
+                    "The inference hooks on SmolLM2: which keys each head has habituated to (heads x tokens, per "
                     "layer), the novelty boosts, and attention before vs after habituation."),
     "columns": ("Column specialisation",
                 "Jensen-Shannon divergence between cortical columns, lateral-inhibition weights and the "

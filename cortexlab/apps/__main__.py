@@ -1,7 +1,8 @@
 """`python -m cortexlab.apps [--port N] [--address A] [--show]`: serve every dashboard with `panel serve`.
 
-The index page is at `/`, each app at `/<name>` (see `cortexlab.apps.APPS`). `--warm` runs every
-app once at start-up, so the models are loaded before the first browser arrives.
+The index page is at `/`, each app at `/<name>` (see `cortexlab.apps.APPS`). Panel's `--warm` runs
+every app once at start-up, so the models are loaded before the first browser arrives. The server
+listens on loopback unless `--address` says otherwise (e.g. 0.0.0.0 to reach it from other machines).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from . import APPS
 
 APP_DIR = Path(__file__).resolve().parents[2] / "apps"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve_command(port: int = 5006, address: str = "127.0.0.1", *, show: bool = False, warm: bool = True) -> list[str]:
@@ -21,9 +23,9 @@ def serve_command(port: int = 5006, address: str = "127.0.0.1", *, show: bool = 
     if missing:
         raise FileNotFoundError(f"no app scripts {missing} in {APP_DIR}: serve the apps from a cortexlab checkout")
     files = [str(APP_DIR / f"{name}.py") for name in ("index", *APPS)]
+    origins = [f"{address}:{port}", f"localhost:{port}"] if address in LOOPBACK else ["*"]   # all interfaces: any host
     command = [sys.executable, "-m", "panel", "serve", *files, "--index", "index", "--port", str(port),
-               "--address", address, "--allow-websocket-origin", f"{address}:{port}",
-               "--allow-websocket-origin", f"localhost:{port}"]
+               "--address", address, *(f"--allow-websocket-origin={origin}" for origin in origins)]
     return command + (["--warm"] if warm else []) + (["--show"] if show else [])
 
 

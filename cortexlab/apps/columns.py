@@ -22,7 +22,7 @@ import panel as pn
 import param
 import torch
 
-from cortexlab.apps import common
+from cortexlab.apps import APPS, common
 from cortexlab.eval import columns as ec
 from cortexlab.eval.attention import record_attention
 from cortexlab.neuro import HierarchicalColumnOrganizer
@@ -30,7 +30,7 @@ from cortexlab.viz import columns as viz
 
 __all__ = ["DEFAULT_TEXT", "INTRO", "NEURO", "NEURO_DIR", "SMOL", "TITLE", "ColumnsApp", "neuro_model"]
 
-TITLE = "Cortical columns"
+TITLE = APPS["columns"][0]
 INTRO = (
     "**Cortical columns** are groups of attention heads that share their keys and values (the KV groups of "
     "grouped-query attention). For each layer, the **Jensen-Shannon divergence** between the columns' attention "
@@ -106,8 +106,8 @@ class ColumnsApp(pn.viewable.Viewer):
             raise ValueError(f"model_name must be one of {list(self.models)}, got {self.model_name!r}")
         with param.parameterized.discard_events(self):
             self.text = common.check_text(self.text)
-        self._shown = (self.model_name, self.text)
-        self.text_input = pn.widgets.TextAreaInput(label="Text", value=self.text, height=200,
+        self._shown = None             # the (model, text) on display
+        self.text_input = pn.widgets.TextAreaInput(label="text", value=self.text, height=200,
                                                    max_length=common.MAX_TEXT_CHARS)
         self.run_button = pn.widgets.Button(label="Run", color="primary")
         self.run_button.on_click(lambda _: setattr(self, "text", self.text_input.value))
@@ -116,9 +116,9 @@ class ColumnsApp(pn.viewable.Viewer):
     def controls(self) -> pn.Column:
         """The sidebar: the model, the text with its Run button, and the layer."""
         return pn.Column(
-            pn.widgets.Select.from_param(self.param.model_name, label="Model"),
+            pn.widgets.Select.from_param(self.param.model_name, label="model"),
             self.text_input, self.run_button,
-            pn.widgets.IntSlider.from_param(self.param.layer, label="Layer"),
+            pn.widgets.IntSlider.from_param(self.param.layer, label="layer"),
         )
 
     def __panel__(self) -> pn.Column:
@@ -131,20 +131,29 @@ class ColumnsApp(pn.viewable.Viewer):
     @param.depends("model_name", "text", watch=True)
     def _new_input(self):
         """Analyse (model, text) -- or show why not, keeping the last good views -- and redraw everything."""
+        if (self.model_name, self.text) == self._shown:
+            return
+        panes = (self.specialization_pane, self.matrix_pane, self.inhibition_pane)
         try:
+            for pane in panes:
+                pane.loading = True
             text = common.check_text(self.text)
             result = self._result(self.model_name, text)
-        except ValueError as error:
+        except Exception as error:        # shown on the page; the last good (model, text) comes back, widgets too
+            if self._shown is None:
+                raise
+            self.param.update(model_name=self._shown[0], text=self._shown[1])   # no redraw: they are on display
             self.message.object, self.message.visible = str(error), True
-            with param.parameterized.discard_events(self):
-                self.model_name, self.text = self._shown
             return
+        finally:
+            for pane in panes:
+                pane.loading = False
         with param.parameterized.discard_events(self):
             self.text = text
-            self.param.layer.bounds = (0, result["num_layers"] - 1)
             self.layer = min(self.layer, result["num_layers"] - 1)
         self._shown = (self.model_name, text)
-        self.param.trigger("layer")   # the slider follows the new bounds; _show_layer redraws the layer views
+        self.param.layer.bounds = (0, result["num_layers"] - 1)     # with events: the slider on the page follows
+        self.param.trigger("layer")   # _show_layer redraws the layer views
         self.message.visible = False
         self.note.object, self.note.visible = result["note"], bool(result["note"])
         self.specialization_pane.object = result["figure"]
@@ -156,12 +165,12 @@ class ColumnsApp(pn.viewable.Viewer):
         layer, tier = self.layer, result["tiers"][self.layer]
         self.matrix_pane.object = viz.column_js_figure(
             result["matrices"][layer], title=f"{self._shown[0]}, layer {layer} ({tier}): JS between columns")
+        heads, learnt, groups = result["heads"][layer], result["learnt"].get(layer), result["num_groups"]
         if layer not in result["inhibition"]:
-            heads, learnt, groups = result["heads"][layer], result["learnt"].get(layer), result["num_groups"]
             result["inhibition"][layer] = (
                 ec.inhibition_run(heads, heads, groups, steps=INHIBITION_STEPS) if learnt is None
                 else ec.inhibition_effect(heads, learnt, groups))
-        how = "learnt W" if result["learnt"] else f"W learnt on this text ({INHIBITION_STEPS} anti-Hebbian steps)"
+        how = "learnt W" if learnt is not None else f"W learnt on this text ({INHIBITION_STEPS} anti-Hebbian steps)"
         self.inhibition_pane.object = viz.inhibition_figure(
             result["inhibition"][layer], title=f"Layer {layer}: lateral inhibition, {how}")
 

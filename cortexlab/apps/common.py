@@ -3,10 +3,12 @@ checks, where the committed results live, and the page frame.
 
 Models are loaded lazily and cached per process (`base_model`, `cortex_model`), so the first
 page of a freshly started server pays the load (well under a second from the warm cache)
-and every later page reuses them. Panel runs one server thread, so callbacks of different
-browser sessions never overlap; memory state is never shared between browser sessions
-because each app instance namespaces its Cortex session ids with its own random
-`browser_session_id`.
+and every later page reuses them. Panel runs every callback on its one server thread, so
+callbacks of different browser sessions never overlap on the shared models (do not serve with
+`--num-threads`: the hook pipelines attach to the shared base model). The one exception is the
+live MQAR run of `inverse_scaling`, which trains its own small models in a worker thread. Memory
+state is never shared between browser sessions: each app instance namespaces its Cortex session
+ids with its own random `browser_session_id` and deletes them when its session ends.
 
 The pages accept text only: no file paths, no code. Text goes through `check_text`.
 """
@@ -22,12 +24,15 @@ import panel as pn
 from cortexlab.results import results_dir
 
 __all__ = [
-    "MAX_TEXT_CHARS", "RECALL_ADAPTER", "base_model", "browser_session_id", "check_text", "cortex_model", "page",
+    "MAX_TEXT_CHARS", "MAX_TOKENS", "RECALL_ADAPTER", "base_model", "browser_session_id", "check_text", "check_tokens",
+    "cortex_model", "escape_markdown", "page",
     "results_dir",
 ]
 
-MAX_TEXT_CHARS = 2000          # about 500 SmolLM2 tokens: keeps every view interactive on a 2-core CPU
+MAX_TEXT_CHARS = 2000          # about 500 SmolLM2 tokens of English prose
+MAX_TOKENS = 512               # what any view reads at once: keeps every view interactive on a 2-core CPU
 RECALL_ADAPTER = "adapters/recall_128"
+MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|~")
 _LOCK = threading.Lock()
 
 
@@ -45,6 +50,19 @@ def check_text(text: object, name: str = "text", *, max_chars: int = MAX_TEXT_CH
     if bad:
         raise ValueError(f"{name} holds control characters {', '.join(bad[:5])}")
     return text
+
+
+def escape_markdown(text: str) -> str:
+    """`text` with Markdown and HTML markup escaped, to show user input verbatim in a Markdown pane."""
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else {"<": "&lt;", ">": "&gt;", "&": "&amp;"}.get(c, c)
+                   for c in text)
+
+
+def check_tokens(ids, name: str = "text", *, max_tokens: int = MAX_TOKENS) -> None:
+    """ValueError naming `name` when the token ids [..., T] are more than `max_tokens` (digits and non-Latin
+    scripts take many more tokens per character than English)."""
+    if ids.shape[-1] > max_tokens:
+        raise ValueError(f"{name} is {ids.shape[-1]} tokens long; the limit here is {max_tokens} tokens")
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import panel as pn
 import param
 
-from cortexlab.apps import common
+from cortexlab.apps import APPS, common
 from cortexlab.eval import habituation as eval_habituation
 from cortexlab.eval.attention import AttentionRecord, record_attention
 from cortexlab.eval.hook_maps import hooked_attention
@@ -24,7 +24,7 @@ from cortexlab.viz import habituation as viz
 
 __all__ = ["DEFAULT_TEXT", "HabituationApp", "INTRO", "TITLE"]
 
-TITLE = "Habituation"
+TITLE = APPS["habituation"][0]
 INTRO = (
     "SmolLM2-135M reads your text with the **habituation hook** on one layer: keys that keep drawing attention "
     "build up a suppression *h* (at most 0.9) that lowers the attention later queries pay them; the first token "
@@ -34,6 +34,7 @@ INTRO = (
 )
 DEFAULT_TEXT = ("Read the following text.\n" + "The quick brown fox jumps over the lazy dog. " * 3
                 + "The quick brown fox jumps over the lazy zebra.")
+MAX_TOKENS = 256     # the before/after view draws two T x T heatmaps
 RECORDS_KEPT = 8      # (text, layer) attention records in memory, each [H, T, T] scores and probabilities
 
 
@@ -51,14 +52,14 @@ class HabituationApp(pn.viewable.Viewer):
         if model is None:
             model, tokenizer = common.base_model()
         self.model, self.tokenizer = model, tokenizer
-        self.param.layer.bounds = (0, model.config.num_hidden_layers - 1)
-        self.param.head.bounds = (0, model.config.num_attention_heads - 1)
         self._records: OrderedDict[tuple[str, int], AttentionRecord] = OrderedDict()
         self.message = pn.pane.Alert("", alert_type="danger", visible=False)
         self.map_pane = pn.pane.Plotly(height=380, sizing_mode="stretch_width")
         self.novelty_pane = pn.pane.Plotly(height=340, sizing_mode="stretch_width")
         self.attention_pane = pn.pane.Plotly(height=440, sizing_mode="stretch_width")
         super().__init__(**params)
+        self.param.layer.bounds = (0, model.config.num_hidden_layers - 1)   # this instance's copies of the parameters
+        self.param.head.bounds = (0, model.config.num_attention_heads - 1)
         with param.parameterized.discard_events(self):
             self.text = self._shown_text = common.check_text(self.text)
         self.text_input = pn.widgets.TextAreaInput(label="text", value=self.text, height=180,
@@ -87,6 +88,7 @@ class HabituationApp(pn.viewable.Viewer):
     def _new_text(self):
         try:
             text = common.check_text(self.text)
+            common.check_tokens(self._tokens(text)[0], "text", max_tokens=MAX_TOKENS)
         except ValueError as error:
             self.message.object, self.message.visible = str(error), True
             with param.parameterized.discard_events(self):

@@ -17,11 +17,11 @@ import param
 
 from cortexlab.viz import experiments as viz
 
-from . import common
+from . import APPS, common
 
 __all__ = ["EXPERIMENTS", "INTRO", "LIVE_MIXERS", "TITLE", "InverseScalingApp"]
 
-TITLE = "Inverse scaling: E1-E4"
+TITLE = APPS["inverse_scaling"][0]
 INTRO = ("Does the memory make the model better as the context grows? The claim is split into four experiments, "
          "each a command that writes `results/<name>.json`. Choose one in the sidebar: its curves are drawn with "
          "every baseline it measured, and the numbers and the command that produced them are listed below. "
@@ -95,7 +95,7 @@ class InverseScalingApp(pn.viewable.Viewer):
         try:
             results = self._load(name)
             figures = self._figures(results)
-            summary = self._numbers(results)
+            summary = f"{self._numbers(results)}\n\n{BASELINES[self.experiment]}\n\nCommand: `{results['command']}`"
         except FileNotFoundError:
             command = f" Run `{E1_COMMAND}` to produce it (hours on a CPU)." if self.experiment == E1 else ""
             live = " Meanwhile, **Run live tiny E1** trains a small version here." if self.experiment == E1 else ""
@@ -108,7 +108,7 @@ class InverseScalingApp(pn.viewable.Viewer):
         self.figure_pane.object, self.figure_pane.visible = figures[0], True
         self.extra_pane.object = figures[1] if len(figures) > 1 else None
         self.extra_pane.visible = len(figures) > 1
-        self.summary.object = f"{summary}\n\n{BASELINES[self.experiment]}\n\nCommand: `{results['command']}`"
+        self.summary.object = summary
 
     def _show_missing(self, text: str) -> None:
         self.message.object, self.message.visible = text, True
@@ -209,11 +209,12 @@ class InverseScalingApp(pn.viewable.Viewer):
             await asyncio.to_thread(self.run_live)
         except Exception as err:    # shown on the page rather than lost in the server log
             self.live_status.object = f"The live run failed: {type(err).__name__}: {err}"
+            self.progress.value = 0          # not left spinning or part-filled
 
     def controls(self) -> pn.Column:
         """The sidebar: the experiment, and the live run with its progress."""
         return pn.Column(
-            pn.widgets.Select.from_param(self.param.experiment, label="Experiment"),
+            pn.widgets.Select.from_param(self.param.experiment, label="experiment"),
             pn.pane.Markdown("**Live tiny E1**: MQAR at length 32 with 4 pairs, vocabulary 32; a sliding window of "
                              "4 tokens vs the GDN (d=64, 2 heads), at most "
                              f"{self._live_steps} steps each (about a minute). Choose E1 to run it."),

@@ -23,11 +23,11 @@ from cortexlab.models import token_texts
 from cortexlab.viz.controller import signals_figure
 from cortexlab.viz.cortex import read_figure, state_heatmap, state_summary_figure, trace_figure
 
-from . import common
+from . import APPS, common
 
 __all__ = ["MemoryStateApp"]
 
-TITLE = "Memory state"
+TITLE = APPS["memory_state"][0]
 INTRO = (
     "A frozen **SmolLM2-135M-Instruct** with the committed Cortex sidecar (`results/adapters/recall_128`, a "
     "Gated DeltaNet memory on layer 12, trained to carry a pass key across calls). **Read** a text into the "
@@ -53,7 +53,6 @@ class MemoryStateApp(pn.viewable.Viewer):
     """The memory-state dashboard (see the module docstring); one instance per browser session."""
 
     session = param.Selector(default=SESSIONS[0], objects=list(SESSIONS))
-    layer = param.Selector(default=None, objects=[])
     head = param.Integer(default=0, bounds=(0, None))
     token = param.Integer(default=0, bounds=(0, None), doc="checkpoint shown in the heatmap")
 
@@ -61,8 +60,7 @@ class MemoryStateApp(pn.viewable.Viewer):
         self.model = model if model is not None else common.cortex_model()
         super().__init__(**params)
         self.tokenizer = self.model.tokenizer
-        self.param.layer.objects = list(self.model.layer_ids)
-        self.layer = self.model.layer_ids[0]
+        self.layer = self.model.layer_ids[0]       # the sidecar shown (the committed adapter has one, on layer 12)
         self.param.head.bounds = (0, self.model.config.num_heads - 1)
         self._prefix = common.browser_session_id()
         self.view = None          # the last CallView of the current session
@@ -72,12 +70,12 @@ class MemoryStateApp(pn.viewable.Viewer):
 
         self.text_input = pn.widgets.TextAreaInput(label="text to read (one call)", value=DEFAULT_TEXT, height=160,
                                                    max_length=common.MAX_TEXT_CHARS)
-        self.read_button = pn.widgets.Button(label="Read into memory", button_type="primary")
+        self.read_button = pn.widgets.Button(label="Read into memory", color="primary")
         self.filler_button = pn.widgets.Button(label="Read a filler call (128 tokens)")
-        self.reset_button = pn.widgets.Button(label="Reset this session", button_type="warning")
+        self.reset_button = pn.widgets.Button(label="Reset this session", color="warning")
         self.question_input = pn.widgets.TextInput(label="question (a later call)", value=DEFAULT_QUESTION,
                                                    max_length=MAX_QUESTION_CHARS)
-        self.ask_button = pn.widgets.Button(label="Ask", button_type="success")
+        self.ask_button = pn.widgets.Button(label="Ask", color="success")
         self.player = pn.widgets.Player(label="token", start=0, end=1, value=0, interval=150, loop_policy="once",
                                         width=320)
         self.message = pn.pane.Alert("", alert_type="danger", visible=False)
@@ -94,6 +92,8 @@ class MemoryStateApp(pn.viewable.Viewer):
         self.reset_button.on_click(lambda _: self.reset())
         self.ask_button.on_click(lambda _: self.ask(self.question_input.value))
         self.player.param.watch(lambda event: setattr(self, "token", event.new), "value")
+        if pn.state.curdoc is not None:          # served: free this tab's sessions when the tab goes away
+            pn.state.on_session_destroyed(lambda context: self.close())
         self.read(DEFAULT_TEXT)
 
     # ------------------------------------------------------------------ actions
@@ -108,12 +108,12 @@ class MemoryStateApp(pn.viewable.Viewer):
         """Read `text` into the current session as one call; False (and a message) on bad input."""
         try:
             text = common.check_text(text, "text")
+            ids = self.tokenizer(text, return_tensors="pt").input_ids
+            common.check_tokens(ids, "text")
         except ValueError as error:
             self._fail(error)
             return False
-        ids = self.tokenizer(text, return_tensors="pt").input_ids
-        self._read_ids(ids, text)
-        return True
+        return self._read_ids(ids, text)
 
     def read_filler(self) -> None:
         """Read one call of held-out filler text (stdlib docstrings), pushing earlier calls further back."""
@@ -123,13 +123,23 @@ class MemoryStateApp(pn.viewable.Viewer):
         ids = pool[start:start + FILLER_CALL_TOKENS][None]
         self._read_ids(ids, "(filler) " + self.tokenizer.decode(ids[0]))
 
-    def _read_ids(self, ids: torch.Tensor, text: str) -> None:
+    def _read_ids(self, ids: torch.Tensor, text: str) -> bool:
         self.message.visible = False
-        with self._busy():
-            view = read_call(self.model, ids, self._session_id(), self.layer, every=max(1, ids.shape[1] // 256))
+        try:
+            with self._busy():
+                view = read_call(self.model, ids, self._session_id(), self.layer, every=max(1, ids.shape[1] // 256))
+        except Exception as error:       # shown on the page; the session is stored back only after a whole call
+            self._fail(error)
+            return False
         self.history[self.session].append(text)
         self.views[self.session] = (view, token_texts(self.tokenizer, ids[0]))
         self._show()
+        return True
+
+    def close(self) -> None:
+        """Delete this instance's sessions from the model's store (the browser tab has gone)."""
+        for session in SESSIONS:
+            self.model.sessions.delete(self._session_id(session))
 
     def reset(self) -> None:
         """Forget the current session's memory (the other sessions keep theirs)."""
@@ -145,15 +155,16 @@ class MemoryStateApp(pn.viewable.Viewer):
             question = common.check_text(question, "question", max_chars=MAX_QUESTION_CHARS)
             if not self.history[self.session]:
                 raise ValueError("question: this session has read nothing yet; read a text first")
-        except ValueError as error:
+            ids = self.tokenizer(" " + question, return_tensors="pt", add_special_tokens=False).input_ids
+            with self._busy():
+                probe = recall_probe(self.model, ids, self._session_id(), self.layer)
+        except Exception as error:       # bad input, or a session the store no longer holds: shown on the page
             self._fail(error)
             return False
         self.message.visible = False
-        ids = self.tokenizer(" " + question, return_tensors="pt", add_special_tokens=False).input_ids
-        with self._busy():
-            probe = recall_probe(self.model, ids, self._session_id(), self.layer)
         self.history[self.session].append("(question) " + question)
-        self.answer.object = (f"**Q:** {question}\n\n**with the session's memory:** `{probe.answer.strip()}`  \n"
+        self.answer.object = (f"**Q:** {common.escape_markdown(question)}\n\n"
+                              f"**with the session's memory:** `{probe.answer.strip()}`  \n"
                               f"**with the memory reset:** `{probe.answer_without_memory.strip()}`  \n"
                               f"(memory from {len(self.history[self.session]) - 1} earlier call(s); the question "
                               "and the answer were written to memory too)")
@@ -164,7 +175,9 @@ class MemoryStateApp(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ views
     def _busy(self):
-        return pn.param.set_values(self.heatmap_pane, loading=True)
+        """Every view shows Panel's loading spinner while a call runs."""
+        return pn.param.set_values(self.heatmap_pane, self.summary_pane, self.gates_pane, self.signals_pane,
+                                   self.read_pane, loading=True)
 
     @param.depends("session", watch=True)
     def _switch_session(self) -> None:
@@ -201,10 +214,12 @@ class MemoryStateApp(pn.viewable.Viewer):
     def _show_status(self) -> None:
         calls = self.history[self.session]
         lines = [f"**{self.session}**: {len(calls)} call(s) read."]
-        lines += [f"{i + 1}. {text[:90]}{'…' if len(text) > 90 else ''}" for i, text in enumerate(calls[-6:])]
+        first = len(calls) - len(calls[-6:])
+        lines += [f"{first + i + 1}. {common.escape_markdown(text[:90])}{'…' if len(text) > 90 else ''}"
+                  for i, text in enumerate(calls[-6:])]
         if self.view is not None:
             norm = self.view.trace.state_norm[0, -1]
-            lines.append(f"\nlast call: {len(self.tokens)} tokens; ‖S‖_F per head after it: "
+            lines.append(f"\nlast text read: {len(self.tokens)} tokens; ‖S‖_F per head after it: "
                          + ", ".join(f"{v:.2f}" for v in norm.tolist()))
         self.status.object = "\n".join(lines)
 
@@ -214,7 +229,7 @@ class MemoryStateApp(pn.viewable.Viewer):
             pn.widgets.Select.from_param(self.param.session, label="session"),
             self.text_input, self.read_button, self.filler_button, self.reset_button,
             pn.layout.Divider(), self.question_input, self.ask_button, pn.layout.Divider(),
-            pn.widgets.Select.from_param(self.param.layer, label="sidecar layer"),
+            pn.pane.Markdown(f"sidecar on decoder layer {self.layer}"),
             pn.widgets.IntSlider.from_param(self.param.head, label="head"),
         )
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from cortexlab.neuro import CorticalColumnAttention, LateralInhibition
-from cortexlab.neuro.columns import _entropy, column_activity
+from cortexlab.neuro.columns import TIERS, _entropy, column_activity
 
 
 def pairwise_js(probs: torch.Tensor) -> torch.Tensor:
@@ -223,3 +223,21 @@ def inhibition_effect(heads: torch.Tensor, W: torch.Tensor, num_groups: int) -> 
         "mean_after": after.reshape(-1, num_groups).mean(0),
         "silent_after": (after.reshape(-1, num_groups) == 0).float().mean(0),
     }
+
+
+def tier_summary(rows, distance, organizer) -> list[dict]:
+    """Per tier of `organizer` (a `HierarchicalColumnOrganizer`), the mean over its layers of the
+    `layer_specialization` rows' js_columns, js_between and js_within, their ratio across / within,
+    and the mean `attention_distance` (`distance[layer]`). Tiers with no row are left out."""
+    by_layer = {r["layer"]: r for r in rows}
+    out = []
+    for tier in TIERS:
+        span = organizer.layer_range(tier)
+        selected = [by_layer[layer] for layer in span if layer in by_layer]
+        if not selected:
+            continue
+        mean = {key: sum(r[key] for r in selected) / len(selected) for key in ("js_columns", "js_between", "js_within")}
+        out.append({"tier": tier, "first_layer": span.start, "last_layer": span.stop - 1, **mean,
+                    "across_within": mean["js_between"] / mean["js_within"] if mean["js_within"] > 0 else float("nan"),
+                    "distance": sum(distance[r["layer"]] for r in selected) / len(selected)})
+    return out

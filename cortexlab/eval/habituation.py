@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cortexlab.eval.attention import AttentionRecord
+from cortexlab.eval.attention import AttentionRecord, sink_mass
 from cortexlab.neuro import AttentionDecay, HabituatingAttention, NoveltyDetector
 from cortexlab.neuro.habituation import HabituationConfig
 
@@ -123,8 +123,8 @@ def decay_across_layers(records: Mapping[int, AttentionRecord], decay: float | S
             probs = module(rec.scores, state, idx).softmax(-1).nan_to_num(0.0)
             state = module.update(probs, state)
             plain = rec.probs
-            rows.append(dict(layer=layer, sink_plain=plain[0, :, :, 0].mean().item(),
-                             sink_decayed=probs[0, :, :, 0].mean().item(),
+            rows.append(dict(layer=layer, sink_plain=sink_mass(plain[0]),
+                             sink_decayed=sink_mass(probs[0]),
                              entropy_plain=_entropy(plain[0]).mean().item(),
                              entropy_decayed=_entropy(probs[0]).mean().item(),
                              max_plain=plain[0].amax(-1).mean().item(), max_decayed=probs[0].amax(-1).mean().item()))
