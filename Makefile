@@ -33,7 +33,7 @@ browser:
 	  else echo "note: Debian's chromium is not installed and there is no root or password-less sudo: the browser tests will be skipped"; fi; }
 
 test: setup
-	$(BIN)/pytest --nbmake tests notebooks
+	$(BIN)/pytest --nbmake --nbmake-timeout=900 tests notebooks
 
 serve: $(STAMP)
 	$(BIN)/python -m cortexlab.apps --port $(PORT)

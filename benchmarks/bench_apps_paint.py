@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         peer = Path(tmp) / "peer.py"
         peer.write_text(PEER)
-        command = serve_command(args.port) + [str(peer)]
+        command = serve_command(args.port)
+        command.insert(command.index("--index"), str(peer))          # panel takes its files before the options
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{args.port}"
