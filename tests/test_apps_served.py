@@ -159,6 +159,14 @@ def _open(browser, url: str):
     return page, errors
 
 
+def _finish(page, errors, screenshots: Path, name: str) -> None:
+    """Once every redraw is done: a screenshot for the README, no JavaScript error, the tab closed."""
+    _settle(page)
+    page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
+    assert not errors, errors
+    page.close()
+
+
 def _move_slider(page, label: str, key: str = "ArrowRight"):
     """Focus the noUiSlider handle of the slider whose label starts with `label` and press `key`."""
     slider = page.locator(".bk-input-group").filter(has_text=re.compile(rf"^{re.escape(label)}")).first
@@ -190,10 +198,7 @@ def test_browser_memory_state(browser, server, screenshots):
     assert "head 1" in _wait_for_change(page, 0, title, before)
     page.get_by_role("button", name="Ask").click()
     page.get_by_text("with the session's memory").first.wait_for(timeout=60_000)
-    _settle(page)
-    page.screenshot(path=str(screenshots / "memory_state.png"), full_page=True)
-    assert not errors, errors
-    page.close()
+    _finish(page, errors, screenshots, "memory_state")
 
 
 def test_browser_habituation(browser, server, screenshots):
@@ -204,10 +209,7 @@ def test_browser_habituation(browser, server, screenshots):
     assert "layer 17" in before
     _move_slider(page, "layer", "ArrowLeft")
     assert "layer 16" in _wait_for_change(page, 0, title, before)
-    _settle(page)
-    page.screenshot(path=str(screenshots / "habituation.png"), full_page=True)
-    assert not errors, errors
-    page.close()
+    _finish(page, errors, screenshots, "habituation")
 
 
 def test_browser_inverse_scaling(browser, server, screenshots):
@@ -218,10 +220,7 @@ def test_browser_inverse_scaling(browser, server, screenshots):
     assert "E2" in before
     page.locator("select").first.select_option(label="E3 loss by position")
     assert "E3" in _wait_for_change(page, 0, title, before)
-    _settle(page)
-    page.screenshot(path=str(screenshots / "inverse_scaling.png"), full_page=True)
-    assert not errors, errors
-    page.close()
+    _finish(page, errors, screenshots, "inverse_scaling")
 
 
 def test_browser_columns(browser, server, screenshots):
@@ -235,10 +234,7 @@ def test_browser_columns(browser, server, screenshots):
     layers = _plot_state(page, 0, "el.data[0].x")      # JS per layer: SmolLM2's 30 layers, then NeuroLlama's 4
     page.locator("select").first.select_option(label="NeuroLlama (trained columns)")
     assert json.loads(_wait_for_change(page, 0, "el.data[0].x", layers)) == [0, 1, 2, 3]
-    _settle(page)
-    page.screenshot(path=str(screenshots / "columns.png"), full_page=True)
-    assert not errors, errors
-    page.close()
+    _finish(page, errors, screenshots, "columns")
 
 
 def test_browser_two_tabs_never_share_memory(browser, server):

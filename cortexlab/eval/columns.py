@@ -105,11 +105,16 @@ def inhibition_run(train_heads: torch.Tensor, test_heads: torch.Tensor, num_grou
     for _ in range(steps):
         module.update_inhibition(columns(train_heads), lr=lr)
         history.append(module.get_inhibition())
-    before = column_activity(columns(test_heads))
-    after = column_activity(module(columns(test_heads)))
+    return {**_inhibition_result(module, columns(test_heads), num_groups), "W_history": torch.stack(history)}
+
+
+def _inhibition_result(module: LateralInhibition, columns: torch.Tensor, num_groups: int) -> dict:
+    """Column activity on `columns` [B,T,G,H/G,D] without and with `module`'s inhibition, their correlations,
+    means and the fraction of tokens each column is silenced on."""
+    before = column_activity(columns)
+    after = column_activity(module(columns))
     return {
         "W": module.get_inhibition(),
-        "W_history": torch.stack(history),
         "activity_before": before[0],
         "activity_after": after[0],
         "corr_before": activity_correlation(before),
@@ -211,18 +216,7 @@ def inhibition_effect(heads: torch.Tensor, W: torch.Tensor, num_groups: int) -> 
     columns = heads.reshape(B, T, num_groups, H // num_groups, D)
     module = LateralInhibition(num_groups)
     module.inhibition.copy_(W)
-    before = column_activity(columns)
-    after = column_activity(module(columns))
-    return {
-        "W": module.get_inhibition(),
-        "activity_before": before[0],
-        "activity_after": after[0],
-        "corr_before": activity_correlation(before),
-        "corr_after": activity_correlation(after),
-        "mean_before": before.reshape(-1, num_groups).mean(0),
-        "mean_after": after.reshape(-1, num_groups).mean(0),
-        "silent_after": (after.reshape(-1, num_groups) == 0).float().mean(0),
-    }
+    return _inhibition_result(module, columns, num_groups)
 
 
 def tier_summary(rows, distance, organizer) -> list[dict]:
