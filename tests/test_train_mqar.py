@@ -44,17 +44,18 @@ def test_every_mixer_is_causal(mixer, one_thread):
 
 
 def test_window_sees_only_its_window(one_thread):
-    """One sliding-window layer: token 0 reaches positions < W and no further; full attention and the GDN core
-    carry it to the end."""
+    """One sliding-window layer: token 0 reaches positions < W + K - 1 (the window, widened by the short conv's
+    K - 1 = 3 earlier inputs) and no further; full attention and the GDN core carry it to the end."""
     ids = torch.randint(64, (1, 40), generator=torch.Generator().manual_seed(1))
     changed = ids.clone()
     changed[0, 0] = (changed[0, 0] + 1) % 64
+    reach = 8 + train_mqar_module.CONV_SIZE - 1
     for mixer, reaches_end in (("sliding_window", False), ("attention", True), ("gdn", True), ("hybrid", True)):
         model = random_model(mixer, num_layers=1)
         with torch.no_grad():
             moved = (model(ids) - model(changed)).abs().amax(-1)[0]
-        assert moved[:8].min() > 1e-4, mixer
-        assert (moved[8:].max() > 1e-4) == reaches_end, mixer
+        assert moved[:reach].min() > 1e-4, mixer
+        assert (moved[reach:].max() > 1e-4) == reaches_end, mixer
 
 
 def test_state_size():
@@ -95,21 +96,22 @@ def test_attention_and_gdn_learn_recall(mixer, one_thread):
     result = train_mqar(replace(TINY, mixer=mixer), progress=False)
     assert result["untrained_accuracy"] < 3 * result["chance"]     # before training: chance (1/32)
     assert result["accuracy"] >= 0.9                                 # held-out keys and values, after training
-    assert result["steps"] < TINY.steps                             # stopped early at stop_accuracy
+    assert result["steps"] < TINY.steps and result["stopped"] == "target"   # stopped early at stop_accuracy
     assert result["evals"][-1]["train_loss"] < result["evals"][0]["train_loss"]
 
 
 def test_sliding_window_cannot_reach_old_pairs(one_thread):
-    """Two window layers pass information back at most 2 (W - 1) tokens: answers whose value sits further back are
-    out of reach, and the same training that teaches attention and the GDN core leaves the window model below that."""
-    task, W = TINY.task, TINY.window_size
+    """Each window layer passes information back at most (W - 1) + (K - 1) tokens (the window, then the short conv's
+    K - 1 earlier inputs), two layers twice that: answers whose value sits further back are out of reach, and the
+    same training that teaches attention and the GDN core leaves the window model below that."""
+    task, W, K = TINY.task, 4, train_mqar_module.CONV_SIZE
     inputs, labels = task.sample(TINY.test_size, split_seed("test", TINY.seed))
     rows, positions = (labels != -100).nonzero(as_tuple=True)
     block = inputs[rows, : 2 * task.num_pairs : 2]
     value_pos = 2 * (block == inputs[rows, positions][:, None]).int().argmax(1) + 1
-    reachable = (positions - value_pos <= 2 * (W - 1)).double().mean().item()
+    reachable = (positions - value_pos <= 2 * (W - 1 + K - 1)).double().mean().item()
     assert reachable < 0.8
-    result = train_mqar(replace(TINY, mixer="sliding_window"), progress=False)
+    result = train_mqar(replace(TINY, mixer="sliding_window", window_size=W), progress=False)
     assert result["accuracy"] < reachable + 0.1 and result["steps"] == TINY.steps
 
 
@@ -166,3 +168,27 @@ def test_quick_recipe_writes_and_resumes(tmp_path, one_thread, monkeypatch):
         main(["mqar", "--quick", "--out", str(out), "--mixers", "gdn,lstm"])
     with pytest.raises(SystemExit):
         main(["mqar", "--out", str(out), "--sizes", "64-2"])
+
+
+def test_parallel_jobs_give_the_sequential_results(tmp_path, one_thread):
+    """--jobs 2 trains runs in worker processes: the same numbers as one after another, saved in grid order."""
+    grid = mqar_grid(mixers=("gdn", "sliding_window"), seq_lens=(32,), fixed_pairs=4, pairs=(4,), fixed_len=32,
+                     sizes=((32, 2),), base=replace(TINY, steps=4, eval_every=2))
+    saved = []
+    parallel = train_mqar_module.train_mqar_grid(grid, progress=False, jobs=2, on_run=saved.append)
+    sequential = train_mqar_module.train_mqar_grid(grid, progress=False)
+    strip = [{k: v for k, v in r.items() if k != "train_seconds"} for r in parallel]
+    assert strip == [{k: v for k, v in r.items() if k != "train_seconds"} for r in sequential]
+    assert [r["config"]["mixer"] for r in saved[-1]] == ["gdn", "sliding_window"] and len(saved) == 2
+    with pytest.raises(ValueError, match="jobs"):
+        train_mqar_module.train_mqar_grid(grid, jobs=0)
+
+
+def test_patience_stops_a_run_that_plateaus(one_thread):
+    """A window of 2 cannot see a key 30 tokens back: its accuracy stays flat, and patience ends the run early."""
+    cfg = replace(TINY, mixer="sliding_window", window_size=2, steps=400, eval_every=10, patience=3, min_delta=0.2)
+    result = train_mqar(cfg, progress=False)
+    assert result["stopped"] == "plateau" and result["steps"] == 30
+    assert train_mqar(replace(TINY, steps=5, eval_every=5), progress=False)["stopped"] == "steps"
+    with pytest.raises(ValueError, match="patience"):
+        replace(TINY, patience=0)

@@ -131,3 +131,42 @@ def publish_dir_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def write_checkpoint(directory, step: int, optimizer: torch.optim.Optimizer, state: dict,
+                     write_weights: Callable[[Path], None], keep: int = 2) -> Path:
+    """Write `directory/step-XXXXXX/`: the weights (`write_weights(folder)`), optimizer.safetensors and
+    trainer_state.json (`state` with the step), in a temporary folder that is fsynced and renamed into place; then
+    point `latest.json` at it and remove all but the newest `keep` checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
+    try:
+        write_weights(tmp)
+        groups = save_optimizer(optimizer, tmp / "optimizer.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}))
+        fsync_dir_files(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_checkpoint(directory, optimizer: torch.optim.Optimizer,
+                    read_weights: Callable[[Path], None]) -> dict | None:
+    """Load the checkpoint `latest.json` points at: the weights (`read_weights(folder)`) and the optimizer; returns
+    its trainer state, or None when `directory` holds no checkpoint."""
+    pointer = Path(directory) / "latest.json"
+    if not pointer.is_file():
+        return None
+    target = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
+    read_weights(target)
+    state = json.loads((target / "trainer_state.json").read_text())
+    load_optimizer(optimizer, target / "optimizer.safetensors", state.pop("param_groups"))
+    return state

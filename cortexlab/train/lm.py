@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,12 +39,11 @@ from cortexlab.neuro.config import NeuroLlamaConfig
 
 from .common import (
     environment,
-    fsync_dir_files,
     git_revision,
     jsonable,
-    load_optimizer,
-    save_optimizer,
+    read_checkpoint,
     warmup_cosine_lr,
+    write_checkpoint,
     write_json_atomic,
 )
 
@@ -136,36 +134,6 @@ def evaluate_lm(model: NeuroLlamaModel, windows: torch.Tensor, batch_size: int =
             "loss_by_position": [round(x, 5) for x in by_position.tolist()]}
 
 
-def _save_checkpoint(directory: Path, model, optimizer, step: int, state: dict, keep: int = 2) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
-    try:
-        save_model(model, str(tmp / "model.safetensors"))
-        groups = save_optimizer(optimizer, tmp / "optimizer.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}))
-        fsync_dir_files(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
-    for old in sorted(directory.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(directory: Path, model, optimizer) -> dict | None:
-    pointer = directory / "latest.json"
-    if not pointer.is_file():
-        return None
-    target = directory / json.loads(pointer.read_text())["checkpoint"]
-    load_model(model, str(target / "model.safetensors"))
-    state = json.loads((target / "trainer_state.json").read_text())
-    load_optimizer(optimizer, target / "optimizer.safetensors", state.pop("param_groups"))
-    return state
-
-
 def save_neurollama(model: NeuroLlamaModel, directory, card: dict, tokenizer=None,
                     dtype: torch.dtype = torch.float16) -> Path:
     """Write `model` to `directory`: model.safetensors (floating tensors cast to `dtype`, buffers such as the learnt
@@ -228,7 +196,8 @@ def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, p
     history, evals, start, train_seconds = [], [], 0, 0.0
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     if checkpoint_dir is not None and resume:
-        state = _load_checkpoint(checkpoint_dir, unwrapped, optimizer)
+        state = read_checkpoint(checkpoint_dir, optimizer,
+                                lambda d: load_model(unwrapped, str(d / "model.safetensors")))
         if state is not None:
             if state["config"] != jsonable(asdict(cfg)):
                 raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different config; "
@@ -270,9 +239,10 @@ def train_lm(cfg: LMTrainConfig, *, checkpoint_dir=None, resume: bool = False, p
             evals.append({"step": step + 1, "heldout_loss": round(ev["loss"], 5)})
         if checkpoint_dir is not None and accelerator.is_main_process and (
                 (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            _save_checkpoint(checkpoint_dir, unwrapped, optimizer, step + 1,
+            write_checkpoint(checkpoint_dir, step + 1, optimizer,
                              {"config": jsonable(asdict(cfg)), "history": history, "evals": evals,
-                              "train_seconds": train_seconds})
+                              "train_seconds": train_seconds},
+                             lambda d: save_model(unwrapped, str(d / "model.safetensors")))
     bar.close()
 
     final = evaluate_lm(unwrapped, windows, cfg.eval_batch_size)

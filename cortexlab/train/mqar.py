@@ -3,7 +3,10 @@
     python -m cortexlab.train mqar --out results/mqar_cpu.json [--quick]
 
 Model (`MQARModel`): token embedding -> N x [x += mixer(norm(x)); x += MLP(norm(x))] -> norm -> head, with RMSNorm,
-a GELU MLP and one of four sequence mixers (H heads of dimension D):
+a GELU MLP and one of four sequence mixers (H heads of dimension D). Every mixer computes q, k, v through the same
+causal short convolution (kernel 4) + SiLU that the sidecar's memory uses (`cortexlab.cortex.gdn.ShortConv`), so the
+comparison is between ways of remembering, not between token shifts: without it, attention must first learn a
+previous-token head and, on the CPU budget here, stalls at ~1/16 accuracy (it guesses among the 16 values in view).
 
     "attention"       o_t = sum_{j<=t} softmax_j(q_t.k_j / sqrt D) v_j          (RoPE on q, k)
     "sliding_window"  the same over t - W < j <= t     (`cortexlab.cortex.window.sliding_window_attention`)
@@ -18,8 +21,9 @@ full attention 2 L H D (its key/value cache at the end of the sequence).
 Training: a fresh batch of train-split sequences every step (seeded by (seed, step), so a run is reproducible),
 cross-entropy on the answer positions only, AdamW with linear warm-up then cosine decay, gradient clipping.
 Evaluation: accuracy of the argmax at the answer positions of a held-out set (test-split seeds), every `eval_every`
-steps; a run may stop early once it reaches `stop_accuracy`. Baselines beside every result: chance (1 / number of
-values) and the same model before training.
+steps; a run stops early once it reaches `stop_accuracy` ("target"), or with `patience`, once `patience`
+evaluations in a row failed to beat its best accuracy by `min_delta` ("plateau"). Baselines beside every result:
+chance (1 / number of values) and the same model before training.
 
 The recipe trains a grid (`mqar_grid`): mixers x sequence lengths at a fixed number of pairs (accuracy vs length),
 mixers x numbers of pairs at a fixed length (accuracy vs state capacity), each at several model sizes, and writes
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cortexlab.cortex import CortexWrapConfig, HybridCortexBlock
+from cortexlab.cortex.gdn import ShortConv
 from cortexlab.cortex.window import empty_window, sliding_window_attention
 from cortexlab.data.mqar import IGNORE, MQARTask, chance_accuracy, split_seed
 from cortexlab.neuro.backbone import apply_rope, rope_cos_sin
@@ -49,6 +54,7 @@ __all__ = ["MIXERS", "MQARModel", "MQARModelConfig", "MQARTrainConfig", "evaluat
            "train_mqar", "train_mqar_grid"]
 
 MIXERS = ("attention", "sliding_window", "gdn", "hybrid")
+CONV_SIZE = CortexWrapConfig().conv_size   # the short conv every mixer shares with the sidecar
 
 
 def _positive_int(name: str, value) -> None:
@@ -96,17 +102,20 @@ class MQARModelConfig:
 
 
 class Attention(nn.Module):
-    """Causal softmax attention with RoPE, full or over a sliding window of `window` tokens."""
+    """Causal softmax attention with RoPE, full or over a sliding window of `window` tokens; q, k, v pass through
+    the short conv (see the module doc)."""
 
     def __init__(self, cfg: MQARModelConfig, window: int | None):
         super().__init__()
         self.num_heads, self.head_dim, self.window, self.theta = cfg.num_heads, cfg.dim, window, cfg.rope_theta
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.num_heads * cfg.dim, bias=False)
+        self.conv = ShortConv(3 * cfg.num_heads * cfg.dim, CONV_SIZE)
         self.out_proj = nn.Linear(cfg.num_heads * cfg.dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        qkv, _ = self.conv(self.qkv_proj(x), None)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         cos, sin = rope_cos_sin(torch.arange(T, device=x.device)[None], self.head_dim, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)             # [B, H, T, D]
         if self.window is None:
@@ -222,6 +231,8 @@ class MQARTrainConfig:
     test_size: int = 512
     eval_every: int = 100
     stop_accuracy: float | None = 0.99
+    patience: int | None = None
+    min_delta: float = 0.01
 
     def __post_init__(self):
         if not isinstance(self.task, MQARTask):
@@ -240,6 +251,10 @@ class MQARTrainConfig:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.stop_accuracy is not None and not 0 < self.stop_accuracy <= 1:
             raise ValueError(f"stop_accuracy must be None or lie in (0, 1], got {self.stop_accuracy!r}")
+        if self.patience is not None:
+            _positive_int("patience", self.patience)
+        if not 0 <= self.min_delta < 1:
+            raise ValueError(f"min_delta must lie in [0, 1), got {self.min_delta!r}")
         self.model_config()   # an invalid model setting fails here
 
     def model_config(self) -> MQARModelConfig:
@@ -254,9 +269,9 @@ class MQARTrainConfig:
 def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None, on_step=None) -> dict:
     """Train one model from `cfg` and evaluate it on the held-out set; the result dict holds the model under "model".
 
-    Result: "accuracy" (held-out, at the end), "untrained_accuracy", "chance", "steps" (taken; fewer than
-    cfg.steps when `stop_accuracy` was reached), "evals" (step, accuracy, mean train loss since the last eval),
-    "state_size" (per layer), "parameters", "train_seconds".
+    Result: "accuracy" (held-out, at the end), "untrained_accuracy", "chance", "steps" (taken), "stopped" (why
+    training ended: "target" = reached `stop_accuracy`, "plateau" = ran out of `patience`, "steps"), "evals" (step,
+    accuracy, mean train loss since the last eval), "state_size" (per layer), "parameters", "train_seconds".
     `on_step(steps_done, loss)`, if given, is called after every optimisation step (e.g. to drive a progress bar).
     """
     from accelerate import Accelerator
@@ -277,6 +292,7 @@ def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None,
 
     model.train()
     evals, losses, train_seconds, step = [], [], 0.0, 0
+    best, stale, stopped = untrained, 0, "steps"
     rank, world = accelerator.process_index, accelerator.num_processes   # each process draws its own batches
     bar = tqdm(range(cfg.steps), desc=f"mqar {cfg.mixer} L={task.seq_len} P={task.num_pairs} d={cfg.d_model}",
                disable=not (progress and accelerator.is_main_process), leave=False)
@@ -304,13 +320,18 @@ def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None,
             losses = []
             bar.set_postfix(loss=f"{evals[-1]['train_loss']:.3f}", acc=f"{accuracy:.3f}")
             if cfg.stop_accuracy is not None and accuracy >= cfg.stop_accuracy:
+                stopped = "target"
+                break
+            best, stale = (accuracy, 0) if accuracy >= best + cfg.min_delta else (best, stale + 1)
+            if cfg.patience is not None and stale >= cfg.patience:
+                stopped = "plateau"
                 break
     bar.close()   # the loop ends right after an evaluation (the last step's, or the one that reached stop_accuracy)
     model_cfg = unwrapped.config
     return {"config": jsonable(asdict(cfg)), "model_config": jsonable(asdict(model_cfg)),
             "accuracy": round(final["accuracy"], 5), "sequence_accuracy": round(final["sequence_accuracy"], 5),
             "test_answers": final["answers"], "untrained_accuracy": round(untrained, 5),
-            "chance": chance_accuracy(task), "steps": step + 1, "evals": evals,
+            "chance": chance_accuracy(task), "steps": step + 1, "stopped": stopped, "evals": evals,
             "state_size": model_cfg.state_size(task.seq_len),
             "parameters": sum(p.numel() for p in unwrapped.parameters()),
             "train_seconds": round(train_seconds, 1), "model": unwrapped}
@@ -323,33 +344,63 @@ def mqar_grid(*, mixers=MIXERS, seq_lens=(64, 128, 256, 512), fixed_pairs: int =
     (fixed_len, P) for each number of pairs ("capacity" sweep); a setting in both sweeps appears once.
 
     sizes: (d_model, num_heads) pairs, the state-size knob (GDN state H (d_model / H)^2 per layer).
-    `base` gives everything else (vocabulary, window, optimisation, seed).
+    `base` gives everything else (vocabulary, window, optimisation, seed). Order: size by size (the first size's
+    curves are complete before the next starts), the length sweep before the capacity sweep, shorter first.
     """
     base = base or MQARTrainConfig()
     settings = dict.fromkeys([(L, fixed_pairs) for L in seq_lens] + [(fixed_len, P) for P in pairs])
     return [replace(base, mixer=mixer, d_model=d, num_heads=H, task=replace(base.task, seq_len=L, num_pairs=P))
-            for (L, P) in settings for (d, H) in sizes for mixer in mixers]
+            for (d, H) in sizes for (L, P) in settings for mixer in mixers]
 
 
 def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), progress: bool = True,
-                    on_run=None) -> list[dict]:
-    """Train every config in order (skipping those whose result is in `done`, matched by config); returns the
-    results without their models. `on_run(results so far)` is called after every run (e.g. to save progress)."""
-    from accelerate import Accelerator
+                    on_run=None, jobs: int = 1, threads: int = 1) -> list[dict]:
+    """Train every config (skipping those whose result is in `done`, matched by config); returns the results,
+    without their models, in the order of `configs`. `on_run(results so far)` is called after every run (e.g. to
+    save progress), with the finished results in the order of `configs`.
+
+    jobs > 1 trains that many configs at a time in worker processes with `threads` torch threads each (on a CPU,
+    two 1-thread runs side by side finish sooner than one 2-thread run after another); `threads` applies to the
+    workers only. A run's result does not depend on `jobs`: each is seeded by its own config.
+    """
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator()
+    _positive_int("jobs", jobs)
+    _positive_int("threads", threads)
+    keys = [_key(jsonable(asdict(cfg))) for cfg in configs]
     finished = {_key(r["config"]): r for r in done}
-    results = []
-    for cfg in tqdm(configs, desc="mqar grid", disable=not progress):
-        result = finished.get(_key(jsonable(asdict(cfg))))
-        if result is None:
+    todo = [cfg for cfg, key in zip(configs, keys) if key not in finished]
+
+    def record(result):
+        finished[_key(result["config"])] = result
+        if on_run is not None:
+            on_run([finished[key] for key in keys if key in finished])
+
+    if jobs == 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        for cfg in tqdm(todo, desc="mqar grid", disable=not progress):
             result = train_mqar(cfg, progress=progress, accelerator=accelerator)
             result.pop("model")
-        results.append(result)
-        if on_run is not None:
-            on_run(results)
-    return results
+            record(result)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = [pool.submit(_train_without_model, cfg) for cfg in todo]
+            for future in tqdm(as_completed(futures), total=len(futures), desc="mqar grid", disable=not progress):
+                record(future.result())
+    return [finished[key] for key in keys]
+
+
+def _train_without_model(cfg: MQARTrainConfig) -> dict:
+    """One run in a worker process (no progress bars: they would interleave)."""
+    result = train_mqar(cfg, progress=False)
+    result.pop("model")
+    return result
 
 
 def _key(config: dict) -> str:
@@ -396,8 +447,13 @@ def add_cli(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--stop-accuracy", type=float, default=d.stop_accuracy,
                    help="stop a run once its held-out accuracy reaches this (0: never)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop a run after this many evaluations in a row without beating its best accuracy by "
+                        "--min-delta (0: never)")
+    p.add_argument("--min-delta", type=float, default=d.min_delta)
     p.add_argument("--resume", action="store_true", help="keep the finished runs of --out whose config matches")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per run with --jobs)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_cli)
 
@@ -414,7 +470,8 @@ def run_cli(args, command: str) -> dict:
     base = MQARTrainConfig(task=task, window_size=args.window_size, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                            test_size=args.test_size, eval_every=args.eval_every,
-                           stop_accuracy=args.stop_accuracy or None)
+                           stop_accuracy=args.stop_accuracy or None, patience=args.patience or None,
+                           min_delta=args.min_delta)
     if args.quick:
         sweep = QUICK
         base = replace(base, task=MQARTask(vocab_size=64), window_size=8, steps=10, batch_size=8,
@@ -429,7 +486,8 @@ def run_cli(args, command: str) -> dict:
                             "attention 2*L*H*D",
               "command": command, "git": git_revision(), "environment": environment(),
               "grid": {**jsonable(sweep), "mixers": mixers, "base": jsonable(asdict(base))}}
-    results = train_mqar_grid(configs, done=done, progress=not args.no_progress,
+    results = train_mqar_grid(configs, done=done, progress=not args.no_progress, jobs=args.jobs,
+                              threads=args.threads or 1,
                               on_run=lambda runs: write_json_atomic(out, {**header, "complete": False, "runs": runs}))
     write_json_atomic(out, {**header, "complete": True, "runs": results})
     return {"out": str(out), "accuracy": [

@@ -46,10 +46,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,13 +62,12 @@ from cortexlab.data.recall import FILLERS, RecallBatch, RecallTask
 
 from .common import (
     environment,
-    fsync_dir_files,
     git_revision,
     jsonable,
-    load_optimizer,
     publish_dir_atomic,
-    save_optimizer,
+    read_checkpoint,
     warmup_cosine_lr,
+    write_checkpoint,
     write_json_atomic,
 )
 
@@ -500,24 +497,7 @@ def save_adapter(model, path, card: dict | None = None) -> Path:
 
 def save_checkpoint(directory, model, optimizer, step: int, state: dict, keep: int = 2) -> Path:
     """Write `directory/step-XXXXXX/` (sidecars, optimizer tensors, trainer state) and point `latest` at it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
-    try:
-        _unwrap(model).save_cortex(tmp)
-        groups = save_optimizer(optimizer, tmp / "optimizer.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}))
-        fsync_dir_files(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_json_atomic(directory / "latest.json", {"checkpoint": target.name, "step": step})
-    for old in sorted(directory.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    return write_checkpoint(directory, step, optimizer, state, _unwrap(model).save_cortex, keep)
 
 
 def _clear_checkpoints(directory) -> None:
@@ -530,14 +510,7 @@ def _clear_checkpoints(directory) -> None:
 
 def load_checkpoint(directory, model, optimizer) -> dict | None:
     """Load the latest checkpoint in `directory` into model and optimizer; its trainer state, or None."""
-    pointer = Path(directory) / "latest.json"
-    if not pointer.is_file():
-        return None
-    target = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
-    _unwrap(model).load_cortex(target)
-    state = json.loads((target / "trainer_state.json").read_text())
-    load_optimizer(optimizer, target / "optimizer.safetensors", state.pop("param_groups"))
-    return state
+    return read_checkpoint(directory, optimizer, _unwrap(model).load_cortex)
 
 
 # ---------------------------------------------------------------------------------------
