@@ -204,6 +204,20 @@ def test_tensor_api_and_validation():
         InferenceHookPipeline({"enable_hebbian": True})
 
 
+def test_voting_reuses_the_recorded_entropy():
+    """apply_post_attention returns the heads' entropy; handing it to apply_output_aggregation gives the weights
+    it would compute from the probabilities itself (the attention function computes the entropy once)."""
+    pipe = InferenceHookPipeline(InferenceHookConfig(enable_voting=True, voting_temperature=0.5, layers=[1]))
+    probs = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    heads = torch.randn(2, 5, 3, 4)
+    entropy = pipe.apply_post_attention(probs, layer_idx=1)
+    from_probs = pipe.apply_output_aggregation(heads, probs, 1)
+    torch.testing.assert_close(pipe.apply_output_aggregation(heads, probs, 1, entropy=entropy), from_probs)
+    assert not torch.allclose(from_probs, heads)                       # the voting does re-weight the heads
+    with pytest.raises(ValueError, match="entropy"):
+        pipe.apply_output_aggregation(heads, probs, 1, entropy=entropy[:, :2])
+
+
 def test_attach_errors_leave_the_model_untouched():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="layers"):

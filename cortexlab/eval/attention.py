@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from cortexlab.cortex.wrap import decoder_layers
+from cortexlab.neuro.backbone import rotate_half
 
 
 @dataclass
@@ -39,11 +40,6 @@ class AttentionRecord:
     heads: torch.Tensor
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 def _project(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q [B,H,T,D], k, v [B,H_kv,T,D] as the layer computes them: projections, optional q/k norms, RoPE."""
     B, T, _ = x.shape
@@ -55,7 +51,7 @@ def _project(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = cos[:, None], sin[:, None]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
 
 def record_attention(model, input_ids: torch.Tensor, layers, attention_mask: torch.Tensor | None = None

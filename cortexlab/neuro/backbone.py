@@ -75,10 +75,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1]; x [B, H, T, D], cos/sin [B, T, D]."""
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """rotate_half([x1, x2]) = [-x2, x1] over the last dimension (RoPE's pairing of the two halves)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin; x [B, H, T, D], cos/sin [B, T, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

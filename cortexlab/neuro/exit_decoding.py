@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.masking_utils import create_causal_mask
 
+from .backbone import rotate_half
 from .early_exit import EarlyExitConfig, EarlyExitEngine
 from .exit_classifier import ExitClassifier
 from .model import EXIT_DISTILL_WEIGHT
@@ -147,11 +148,6 @@ def _check_classifier(classifier, heads: EarlyExitEngine) -> None:
                          f"the heads have {list(heads.exit_layers)} on width {heads.hidden_dim}")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _fused_kv(layers, start: int):
     """(W [n (2 H_kv D), hidden], bias or None) for layers[start:], input_layernorm gains folded in."""
     projections = [(proj, layer.input_layernorm.weight) for layer in layers[start:]
@@ -184,7 +180,7 @@ def propagate_exit_state(model, hidden: torch.Tensor, exit_layer: int, position_
     if any(hasattr(layer.self_attn, "k_norm") for layer in skipped):
         keys = torch.stack([layer.self_attn.k_norm(k) for layer, k in zip(skipped, keys)])
     cos, sin = position_embeddings                                         # [1, 1, D]
-    keys = keys * cos + _rotate_half(keys) * sin
+    keys = keys * cos + rotate_half(keys) * sin
     for offset, (k, v) in enumerate(zip(keys, values)):
         cache.update(k[None, :, None], v[None, :, None], exit_layer + offset)
 

@@ -57,7 +57,7 @@ from cortexlab.cortex.wrap import decoder_layers
 
 from .habituation import HabituatingAttention, HabituationConfig
 from .hebbian import HebbianAttention, HebbianConfig
-from .population import EntropyBasedVoting, combine_heads
+from .population import EntropyBasedVoting, attention_entropy, combine_heads
 from .temperature import AdaptiveHeadTemperature
 
 __all__ = ["InferenceHookConfig", "InferenceHookPipeline"]
@@ -327,18 +327,18 @@ class InferenceHookPipeline:
         if not isinstance(attention_weights, torch.Tensor) or attention_weights.ndim != 4:
             raise ValueError(f"attention_weights must be a tensor [B, H, Tq, Tk], got "
                              f"{getattr(attention_weights, 'shape', type(attention_weights).__name__)}")
-        p = attention_weights.detach().float()
-        entropy = -torch.xlogy(p, p).sum(-1)
+        entropy = attention_entropy(attention_weights)
         if self.acts_on(layer_idx):
             self._hooks(layer_idx, attention_weights.shape[1]).entropy = entropy
         return entropy
 
     def apply_output_aggregation(self, head_outputs: torch.Tensor, attention_weights: torch.Tensor,
-                                 layer_idx: int = 0) -> torch.Tensor:
+                                 layer_idx: int = 0, entropy: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head outputs [B, Tq, H, D] -> re-weighted o_h * H w_h (the layer's o_proj then mixes them).
 
         w = softmax over heads of -entropy / voting_temperature (`EntropyBasedVoting`); identity when
-        voting is disabled or the layer is not hooked.
+        voting is disabled or the layer is not hooked. `entropy` [B, H, Tq]: the heads' entropy of these
+        attention weights when already computed (`apply_post_attention` returns it), so it is not computed twice.
         """
         if not (self.config.enable_voting and self.acts_on(layer_idx)):
             return head_outputs
@@ -346,7 +346,11 @@ class InferenceHookPipeline:
             raise ValueError(f"head_outputs must be a tensor [B, Tq, H, D], got "
                              f"{getattr(head_outputs, 'shape', type(head_outputs).__name__)}")
         hooks = self._hooks(layer_idx, head_outputs.shape[2])
-        weights = hooks.voting.head_weights(attention_weights)
+        if entropy is not None and entropy.shape != attention_weights.shape[:3]:
+            raise ValueError(f"entropy must be [B, H, Tq] = {tuple(attention_weights.shape[:3])}, "
+                             f"got {tuple(entropy.shape)}")
+        weights = hooks.voting.head_weights(attention_weights) if entropy is None \
+            else hooks.voting.weights_from_entropy(entropy)
         if weights.shape[:2] != head_outputs.shape[:2]:
             raise ValueError(f"attention_weights has batch/queries {tuple(weights.shape[:2])}, head_outputs "
                              f"{tuple(head_outputs.shape[:2])}")
@@ -378,10 +382,10 @@ class InferenceHookPipeline:
         scores = scores.masked_fill(~_allowed(attention_mask, Tq, Tk, query.device), -math.inf)
         scores = self.apply_pre_attention(scores, layer, query=query, key=key)
         probs = scores.softmax(-1).nan_to_num(0.0)            # a fully masked (padding) row attends nowhere
-        self.apply_post_attention(probs, query, key, layer)
+        entropy = self.apply_post_attention(probs, query, key, layer)
         weights = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
         out = torch.matmul(weights.to(values.dtype), values).transpose(1, 2)
-        out = self.apply_output_aggregation(out, probs, layer)
+        out = self.apply_output_aggregation(out, probs, layer, entropy=entropy)
         return out.contiguous(), probs
 
     def attach(self, model) -> InferenceHookPipeline:

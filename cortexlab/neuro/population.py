@@ -94,6 +94,13 @@ class ConfidenceWeightedVoting(nn.Module):
         return combine_heads(head_outputs, self.head_weights(head_outputs), aggregate)
 
 
+def attention_entropy(attention_weights: torch.Tensor) -> torch.Tensor:
+    """S_hi = -sum_j p_hij log p_hij, [B, H, Tq] from probabilities [B, H, Tq, Tk]; 0 log 0 = 0, no gradient,
+    computed in fp32 at least (float64 stays float64)."""
+    p = attention_weights.detach().to(torch.promote_types(attention_weights.dtype, torch.float32))
+    return -torch.xlogy(p, p).sum(-1)
+
+
 class EntropyBasedVoting(nn.Module):
     """Parameter-free voting: heads with sharper (lower-entropy) attention weigh more.
 
@@ -124,8 +131,10 @@ class EntropyBasedVoting(nn.Module):
         if attention_weights.ndim != 4 or attention_weights.shape[1] != self.num_heads:
             raise ValueError(f"attention_weights must have shape [B, {self.num_heads}, Tq, Tk], "
                              f"got {tuple(attention_weights.shape)}")
-        p = attention_weights.detach().to(torch.promote_types(attention_weights.dtype, torch.float32))
-        entropy = -torch.xlogy(p, p).sum(-1)                                # [B, H, Tq]
+        return self.weights_from_entropy(attention_entropy(attention_weights))
+
+    def weights_from_entropy(self, entropy: torch.Tensor) -> torch.Tensor:
+        """S [B, H, Tq] (`attention_entropy`) -> w [B, Tq, H] = softmax_h(-S / temperature)."""
         return torch.softmax(-entropy / self.temperature, dim=1).transpose(1, 2)
 
     def forward(self, head_outputs: torch.Tensor, attention_weights: torch.Tensor,
