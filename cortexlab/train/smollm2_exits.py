@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from cortexlab.neuro.early_exit import EarlyExitEngine
 
 from .common import environment, git_revision, publish_dir_atomic, write_json_atomic
+from .exits import fit_exit_heads
 
 __all__ = ["SmolLM2ExitsConfig", "add_cli", "run_smollm2_exits", "train_exit_classifier", "train_hf_exit_heads"]
 
@@ -85,42 +85,17 @@ class SmolLM2ExitsConfig:
 
 def train_hf_exit_heads(model, heads: EarlyExitEngine, windows: torch.Tensor, *, steps: int, batch_size: int,
                         lr: float, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `heads` (on `model`'s hidden states, model frozen) on windows [n, T+1]; the exit loss of each step.
-
-    Batches walk seeded permutations of the windows; the model's requires_grad flags are restored afterwards.
-    """
+    """Train `heads` (on `model`'s hidden states, model frozen) on windows [n, T+1]; the exit loss of each step
+    (`cortexlab.train.exits.fit_exit_heads`)."""
     if not isinstance(heads, EarlyExitEngine):
         raise ValueError(f"heads must be an EarlyExitEngine, got {type(heads).__name__}")
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be token ids [n, T+1] with T >= 1, got {getattr(windows, 'shape', windows)}")
-    if len(windows) < batch_size:
-        raise ValueError(f"windows holds {len(windows)} windows, fewer than batch_size={batch_size}")
-    own = {id(p) for p in heads.parameters()}
-    frozen = {p: p.requires_grad for p in model.parameters() if id(p) not in own}
-    for p in frozen:
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    device = model.lm_head.weight.device
-    order: list[int] = []
-    losses = []
-    try:
-        for _ in tqdm(range(steps), desc="exit heads", disable=not progress):
-            if len(order) < batch_size:
-                order = torch.randperm(len(windows), generator=generator).tolist()
-            batch = windows[[order.pop() for _ in range(batch_size)]].to(device)
-            with torch.no_grad():
-                out = model(batch[:, :-1], output_hidden_states=True)
-            hidden = {layer: out.hidden_states[layer] for layer in heads.exit_layers}
-            loss = heads.exit_loss(hidden, batch[:, 1:], final_logits=out.logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-    return losses
+
+    def backbone(inputs):
+        out = model(inputs, output_hidden_states=True)
+        return out.hidden_states, out.logits
+
+    return fit_exit_heads(model, heads, windows, backbone, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          progress=progress)
 
 
 def train_exit_classifier(classifier, examples: dict, *, steps: int, lr: float, l2: float = 0.0) -> list[float]:
