@@ -20,7 +20,8 @@ COMMITTED = Path(__file__).resolve().parents[1] / "results"
 
 def mqar_results():
     runs = [{"config": {"mixer": mixer, "d_model": 64, "num_heads": 2, "task": {"seq_len": L, "num_pairs": P}},
-             "state_size": 2048, "accuracy": acc, "chance": 1 / 16, "untrained_accuracy": 0.06, "steps": 100}
+             "state_size": 2048, "accuracy": acc, "chance": 1 / 16, "untrained_accuracy": 0.06, "steps": 100,
+             "stopped": "steps"}
             for mixer, acc in (("gdn", 0.99), ("sliding_window", 0.3)) for L, P in ((64, 16), (128, 16), (256, 64))]
     return {"grid": {"fixed_pairs": 16, "fixed_len": 256, "seq_lens": [64, 128], "pairs": [16, 64]},
             "runs": runs, "complete": False, "command": "python -m cortexlab.train mqar --quick"}

@@ -11,7 +11,7 @@ def mqar_results():
             runs.append({"config": {"mixer": mixer, "d_model": 64, "num_heads": 2,
                                     "task": {"seq_len": L, "num_pairs": P}},
                          "state_size": 2048, "accuracy": acc - L / 1e4 - P / 1e3, "chance": 1 / 256,
-                         "untrained_accuracy": 0.004, "steps": 100})
+                         "untrained_accuracy": 0.004, "steps": 100, "stopped": "steps"})
     return {"grid": {"fixed_pairs": 16, "fixed_len": 256}, "runs": runs}
 
 

@@ -216,7 +216,7 @@ class InverseScalingApp(pn.viewable.Viewer):
         return pn.Column(
             pn.widgets.Select.from_param(self.param.experiment, label="experiment"),
             pn.pane.Markdown("**Live tiny E1**: MQAR at length 32 with 4 pairs, vocabulary 32; a sliding window of "
-                             "4 tokens vs the GDN (d=64, 2 heads), at most "
+                             "4 tokens (7 with the short conv) vs the GDN (d=64, 2 heads), at most "
                              f"{self._live_steps} steps each (about a minute). Choose E1 to run it."),
             self.run_button, self.progress, self.live_status)
 

@@ -21,11 +21,13 @@ VARIANT_STYLE = {"base_segments": ("base, segments", "#7f7f7f", "solid"),
 
 
 def mqar_rows(runs: Sequence[Mapping]) -> list[dict]:
-    """Flat rows (mixer, size, seq_len, pairs, state_size, accuracy, chance, untrained, steps) of E1's runs."""
+    """Flat rows (mixer, size, seq_len, pairs, state_size, accuracy, chance, untrained, steps, stopped) of E1's
+    runs; "stopped" says why a run ended ("target", "plateau" or "steps", see `train_mqar`)."""
     return [{"mixer": r["config"]["mixer"], "size": f'd={r["config"]["d_model"]} H={r["config"]["num_heads"]}',
              "seq_len": r["config"]["task"]["seq_len"], "pairs": r["config"]["task"]["num_pairs"],
              "state_size": r["state_size"], "accuracy": r["accuracy"], "chance": r["chance"],
-             "untrained": r["untrained_accuracy"], "steps": r["steps"]} for r in runs]
+             "untrained": r["untrained_accuracy"], "steps": r["steps"], "stopped": r["stopped"]}
+            for r in runs]
 
 
 def mqar_figure(results: Mapping, *, height: int = 430) -> go.Figure:
