@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
+
+from cortexlab.checks import check_int, check_number
 
 FORGET_GATES = ("log", "sigmoid")
 DEFAULT_FORGET_BIAS = {"log": -7.0, "sigmoid": 2.0}
@@ -21,7 +22,9 @@ class CortexWrapConfig:
         b = +2 -> a ~ 0.88, a half-life of ~5 tokens (notebook 01 shows why it forgets).
     Hybrid: a sliding-window attention over the last `window_size` tokens beside the
     memory, mixed per head by a learned gate; the output projection starts at zero, so a
-    freshly wrapped model is exactly the base model.
+    freshly wrapped model is exactly the base model. `window_norm`: RMS-normalise the window's
+    read per head before the mix, as the memory's read is (see hybrid.py; sidecars trained
+    before it existed were saved with it off).
     `layers`: "all" or a list of decoder-layer indices that get a sidecar.
     `controller`: the metacognitive controller (surprise and entropy steer writing,
     forgetting and consolidation into a slow memory; neutral at initialisation).
@@ -37,6 +40,7 @@ class CortexWrapConfig:
     forget_bias: float | None = None
     use_hybrid: bool = True
     window_size: int = 128
+    window_norm: bool = True
     layers: str | list[int] = "all"
     controller: bool = True
     entropy_layer: int | None = None
@@ -47,17 +51,13 @@ class CortexWrapConfig:
 
     def __post_init__(self):
         for name in ("rank_fast", "num_heads", "window_size", "conv_size", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
         if self.forget_gate not in FORGET_GATES:
             raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {self.forget_gate!r}")
-        if not (isinstance(self.alpha_max, (int, float)) and 0 < self.alpha_max <= 1):
-            raise ValueError(f"alpha_max must lie in (0, 1], got {self.alpha_max!r}")
+        check_number("alpha_max", self.alpha_max, 0, 1, low_open=True)
         if self.forget_bias is None:
             self.forget_bias = DEFAULT_FORGET_BIAS[self.forget_gate]
-        if not (isinstance(self.forget_bias, (int, float)) and math.isfinite(self.forget_bias)):
-            raise ValueError(f"forget_bias must be a finite number or None, got {self.forget_bias!r}")
+        check_number("forget_bias", self.forget_bias)
         if self.layers != "all":
             if (not isinstance(self.layers, (list, tuple)) or not self.layers
                     or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
@@ -69,11 +69,10 @@ class CortexWrapConfig:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.entropy_layer is not None and (not isinstance(self.entropy_layer, int)
-                                               or isinstance(self.entropy_layer, bool) or self.entropy_layer < 0):
-            raise ValueError(f"entropy_layer must be None or a non-negative int, got {self.entropy_layer!r}")
-        if not isinstance(self.controller, bool):
-            raise ValueError(f"controller must be True or False, got {self.controller!r}")
+        check_int("entropy_layer", self.entropy_layer, 0, allow_none=True)
+        for name in ("controller", "use_hybrid", "window_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.norm_eps, float) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
 

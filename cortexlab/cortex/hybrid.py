@@ -1,10 +1,16 @@
 """`HybridCortexBlock`: memory + sliding window, mixed by a learned gate, zero-initialised output.
 
     m_t = sigmoid(w_m . x_t)                       per head, 0.5 at initialisation
-    y_t = W_out [ m_t GDN(x)_t + (1 - m_t) SWA(x)_t ]    W_out = 0 at initialisation
+    y_t = W_out [ m_t GDN(x)_t + (1 - m_t) RMSNorm(SWA(x)_t) ]    W_out = 0 at initialisation
 
 so a freshly attached block adds exactly zero to the residual stream (the "ghost" start)
 and training fades the memory in. Without `use_hybrid` the block is GDN -> W_out alone.
+
+The memory's read leaves GatedDeltaNet RMS-normalised and gated; the window's raw read is a
+convex mix of values, on another scale. Normalising it too (`window_norm`, a learned RMSNorm per
+head dimension) lets the two branches learn together: a 2-layer hybrid trained from scratch on
+MQAR (length 64, 16 pairs, d = 64) reached 0.989 held-out accuracy after 1200 steps with it and
+0.077 after 2500 without, below either branch alone.
 The block's state is the memory's ("S", "conv"), the window cache ("win_*") and "tokens",
 the count of real tokens it has read (a [B] int64 tensor).
 """
@@ -30,6 +36,7 @@ class HybridCortexBlock(nn.Module):
         if self.mix_proj is not None:
             nn.init.zeros_(self.mix_proj.weight)
             nn.init.zeros_(self.mix_proj.bias)
+        self.window_norm = nn.RMSNorm(D, eps=cfg.norm_eps) if cfg.use_hybrid and cfg.window_norm else None
         self.out_proj = nn.Linear(H * D, d_model, bias=False)
         nn.init.zeros_(self.out_proj.weight)
 
@@ -50,6 +57,8 @@ class HybridCortexBlock(nn.Module):
             cache = {key: state[key] for key in ("win_k", "win_v", "win_valid")} if "win_k" in state \
                 else empty_window(B, H, D, self.cfg.window_size, q)
             o_win, cache = sliding_window_attention(q, k, v, cache, token_mask, self.cfg.window_size)
+            if self.window_norm is not None:
+                o_win = self.window_norm(o_win)
             m = torch.sigmoid(self.mix_proj(x))[..., None]
             o = m * o + (1 - m) * o_win
             new_state.update(cache)

@@ -41,6 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save_file as _st_save_file
 
+from cortexlab.checks import check_int
+
 __all__ = ["SessionCorruptError", "SessionData", "SessionStore", "validate_session_id"]
 
 FORMAT = "cortexlab.session/1"
@@ -148,8 +150,7 @@ class SessionStore:
     def __init__(self, capacity: int = 64, directory: str | os.PathLike | None = None):
         if not isinstance(capacity, int) or isinstance(capacity, bool):
             raise TypeError(f"capacity must be an int >= 1, got {type(capacity).__name__}")
-        if capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity}")
+        check_int("capacity", capacity)
         self.capacity = capacity
         self.directory = None if directory is None else Path(directory)
         if self.directory is not None:

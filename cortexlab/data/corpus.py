@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from cortexlab.checks import check_int
+
 SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 5
 END_OF_TEXT = "<|endoftext|>"
@@ -99,8 +101,7 @@ class TokenCorpus:
 
     def __init__(self, tokenizer, split: str = "train", *, max_files: int | None = None):
         check_split(split)
-        if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
-            raise ValueError(f"max_files must be a positive int or None, got {max_files!r}")
+        check_int("max_files", max_files, allow_none=True)
         self.split = split
         self.files = stdlib_modules(split)[:max_files]
         eot = tokenizer.token_to_id(END_OF_TEXT)
@@ -123,8 +124,7 @@ class TokenCorpus:
     def random_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
         """[batch_size, seq_len + 1] windows at uniformly random offsets (inputs = [:, :-1], targets = [:, 1:])."""
         self._check_len(seq_len)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         starts = torch.randint(0, len(self) - seq_len, (batch_size,), generator=generator)
         return torch.stack([self.ids[s:s + seq_len + 1] for s in starts.tolist()])
 
@@ -148,10 +148,8 @@ def stdlib_documents(tokenizer, split: str, *, min_tokens: int = 2,
     tokenizer: a Hugging Face tokenizer (no special tokens are added), e.g. SmolLM2's.
     """
     check_split(split)
-    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 2:
-        raise ValueError(f"min_tokens must be an int >= 2, got {min_tokens!r}")
-    if max_docs is not None and (not isinstance(max_docs, int) or isinstance(max_docs, bool) or max_docs < 1):
-        raise ValueError(f"max_docs must be a positive int or None, got {max_docs!r}")
+    check_int("min_tokens", min_tokens, 2)
+    check_int("max_docs", max_docs, allow_none=True)
     docs = {}
     for path in stdlib_modules(split):
         ids = tokenizer(_read(path), add_special_tokens=False)["input_ids"]
@@ -172,11 +170,9 @@ def module_windows(tokenizer, split: str, *, names=None, count: int | None = Non
     tokenizer: a Hugging Face tokenizer (no special tokens are added), e.g. SmolLM2's.
     """
     check_split(split)
-    for arg, value, low in (("start", start, 0), ("length", length, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
-    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-        raise ValueError(f"count must be a positive int or None, got {count!r}")
+    check_int("start", start, 0)
+    check_int("length", length)
+    check_int("count", count, allow_none=True)
     if isinstance(names, str):
         raise ValueError(f"names must be a collection of module file names, not one string ({names!r})")
     paths = stdlib_modules(split) if names is None else sorted(stdlib_module(split, name) for name in set(names))

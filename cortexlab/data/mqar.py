@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cortexlab.checks import check_int, check_number
+
 IGNORE = -100
 SPLITS = ("train", "test")
 __all__ = ["IGNORE", "SPLITS", "MQARTask", "chance_accuracy", "split_seed"]
@@ -40,11 +42,8 @@ class MQARTask:
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "num_pairs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.power_a, (int, float)) and 0 < self.power_a <= 1):
-            raise ValueError(f"power_a must lie in (0, 1] (1 = uniform gaps), got {self.power_a!r}")
+            check_int(name, getattr(self, name))
+        check_number("power_a", self.power_a, 0, 1, low_open=True)   # 1: uniform gaps
         if self.num_pairs > self.vocab_size // 2:
             raise ValueError(f"num_pairs={self.num_pairs} distinct keys need vocab_size >= {2 * self.num_pairs}, "
                              f"got vocab_size={self.vocab_size}")
@@ -65,8 +64,7 @@ class MQARTask:
 
     def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n sequences from a generator seeded with `seed`: (input ids, labels), both int64 [n, L]."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        check_int("n", n)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         generator = torch.Generator().manual_seed(seed)

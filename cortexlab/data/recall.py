@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from cortexlab.checks import check_int
+
 from .corpus import SPLITS, check_split, stdlib_modules
 
 __all__ = [
@@ -115,8 +117,7 @@ def filler_token_pool(tokenizer, split: str, max_chars: int | None = None) -> tu
     """
     check_split(split)
     max_chars = DEFAULT_MAX_CHARS[split] if max_chars is None else max_chars
-    if not isinstance(max_chars, int) or max_chars < 1000:
-        raise ValueError(f"max_chars must be an int >= 1000, got {max_chars!r}")
+    check_int("max_chars", max_chars, 1000)
     key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), split, max_chars)
     if key not in _POOLS:
         files = filler_files(split)
@@ -181,9 +182,8 @@ class RecallTask:
         check_split(split)
         if filler not in FILLERS:
             raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
-        for name, value, low in (("call_tokens", call_tokens, 16), ("key_digits", key_digits, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int("call_tokens", call_tokens, 16)
+        check_int("key_digits", key_digits)
         if key_digits > 12:
             raise ValueError(f"key_digits must be at most 12, got {key_digits}")
         self.tokenizer, self.split = tokenizer, split
@@ -271,8 +271,7 @@ class RecallTask:
 
     def filler_calls(self, count: int, seed: int) -> torch.Tensor:
         """`count` calls of filler only, [count, T] token ids, determined by (split, seed, count)."""
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"count must be a positive int, got {count!r}")
+        check_int("count", count)
         rng = random.Random(f"cortexlab.recall.filler/{self.split}/{self.filler}/{seed}/{count}/{self.call_tokens}")
         return torch.tensor([self._filler(rng, self.call_tokens) for _ in range(count)], dtype=torch.int64)
 
@@ -282,9 +281,8 @@ class RecallTask:
         fact_at: put every episode's fact at this token of call 1, in [0, T - max_fact_tokens]
         (None: a random place per episode). Needs num_calls >= 2.
         """
-        for name, value in (("num_calls", num_calls), ("batch_size", batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("num_calls", num_calls)
+        check_int("batch_size", batch_size)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
         rng = random.Random(f"cortexlab.recall/{self.split}/{seed}/{num_calls}/{batch_size}/{self.call_tokens}"

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.ops import gated_delta_rule
 
 RULES = ("linear_attention", "delta", "gated_delta")
@@ -70,19 +71,18 @@ def make_recall_data(
     labels [S, n] (long), where S = n_seeds and M = codebook_size. `capacity_curve` draws
     the largest n once and slices prefixes, so every n shares its first pairs.
     """
-    _check_int("n", n, 1)
-    _check_int("d_k", d_k, 1)
-    _check_int("d_v", d_v, 1)
-    _check_int("codebook_size", codebook_size, 1)
-    _check_int("n_seeds", n_seeds, 1)
+    check_int("n", n)
+    check_int("d_k", d_k)
+    check_int("d_v", d_v)
+    check_int("codebook_size", codebook_size)
+    check_int("n_seeds", n_seeds)
     if keys not in KEY_MODES:
         raise ValueError(f"keys must be one of {KEY_MODES}, got {keys!r}")
     if values not in VALUE_MODES:
         raise ValueError(f"values must be one of {VALUE_MODES}, got {values!r}")
     if values == "onehot" and codebook_size != d_v:
         raise ValueError(f"values='onehot' needs codebook_size == d_v ({d_v}), got {codebook_size}")
-    if not (isinstance(key_overlap, (int, float)) and 0.0 <= key_overlap < 1.0):
-        raise ValueError(f"key_overlap must be a number in [0, 1), got {key_overlap!r}")
+    check_number("key_overlap", key_overlap, 0, 1, high_open=True)
 
     gen = torch.Generator().manual_seed(int(seed))
     S = n_seeds
@@ -139,7 +139,7 @@ def write_gated_delta(
     library's per-token output o_t = S_t^T q_t reads *while* writing, so recall after all
     writes has to read the final state instead (`read_state`).
     """
-    _check_gate("a", a)
+    check_number("a", a, 0, 1, low_open=True)   # a per-token forget gate
     B, T, H, _ = k.shape
     g = torch.full((B, T, H), math.log(a), dtype=torch.float32)
     b = torch.full((B, T, H), float(beta), dtype=torch.float32)
@@ -235,7 +235,7 @@ def capacity_curve(
               "keys": keys, "key_overlap": key_overlap}
     rows = []
     for n in ns:
-        _check_int("n", n, 1)
+        check_int("n", n)
         data = {name: (x if name == "codebook" else x[:, :n]) for name, x in full.items()}
         for rule in rules:
             readout = write_and_read(rule, data, a=a, beta=beta, backend=backend)
@@ -293,15 +293,14 @@ def recall_by_position(
 
 def half_life(a: float) -> float:
     """Tokens until a per-token decay a leaves half of the state: ln 0.5 / ln a (inf for a = 1)."""
-    _check_gate("a", a)
+    check_number("a", a, 0, 1, low_open=True)   # a per-token forget gate
     return math.inf if a == 1.0 else math.log(0.5) / math.log(a)
 
 
 def retained_fraction(a: float, n_tokens: float) -> float:
     """Fraction of the state left after n_tokens of decay alone: a ** n_tokens."""
-    _check_gate("a", a)
-    if n_tokens < 0:
-        raise ValueError(f"n_tokens must be >= 0, got {n_tokens!r}")
+    check_number("a", a, 0, 1, low_open=True)   # a per-token forget gate
+    check_number("n_tokens", n_tokens, 0, allow_inf=True)
     return a ** n_tokens
 
 
@@ -310,8 +309,7 @@ def bias_hack_gate(bias: float = 2.0, alpha_max: float = 0.99) -> float:
 
     bias +2.0, alpha_max 0.99 -> a ~ 0.872 (0.881 without the cap), half-life ~5 tokens.
     """
-    if not 0.0 < alpha_max <= 1.0:
-        raise ValueError(f"alpha_max must lie in (0, 1], got {alpha_max!r}")
+    check_number("alpha_max", alpha_max, 0, 1, low_open=True)
     return alpha_max / (1.0 + math.exp(-bias))
 
 
@@ -364,8 +362,8 @@ def recall_after_filler(
     vectors; chance 1 / codebook_size) and gate_only = beta * a ** N (decay alone, ignoring
     erasure by the filler writes).
     """
-    _check_int("max_filler", max_filler, 0)
-    _check_gate("a", a)
+    check_int("max_filler", max_filler, 0)
+    check_number("a", a, 0, 1, low_open=True)   # a per-token forget gate
     filler_beta = beta if filler_beta is None else filler_beta
     gen = torch.Generator().manual_seed(int(seed))
     S, T = n_seeds, max_filler + 1
@@ -390,17 +388,7 @@ def recall_after_filler(
             for t in range(T)]
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _check_int(name: str, x, minimum: int) -> None:
-    if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {x!r}")
-
-
-def _check_gate(name: str, a) -> None:
-    if not (isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 < a <= 1.0):
-        raise ValueError(f"{name} is a per-token forget gate and must lie in (0, 1], got {a!r}")
+# --------------------------------------------------------------------------- table
 
 
 def capacity_table(rows: Sequence[Mapping], metric: str = "accuracy") -> str:

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int
+
 from .speed import peak_memory, time_calls
 
 __all__ = [
@@ -68,8 +70,7 @@ def stdlib_token_ids(n: int, tokenizer=None, *, files: Sequence[Path] | None = N
     Returns (ids [1, n] int64, names of the files used). Each file is tokenised on its own
     (no special tokens) and the ids are joined; `tokenizer=None` uses the UTF-8 bytes.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     ids: list[int] = []
     used = []
     for path in files if files is not None else stdlib_files():
@@ -146,8 +147,7 @@ def build_history(model, ids: torch.Tensor, *, call_tokens: int = 1024, snapshot
     """
     _check_ids("ids", ids)
     T = ids.shape[1]
-    if not isinstance(call_tokens, int) or call_tokens < 1:
-        raise ValueError(f"call_tokens must be a positive int, got {call_tokens!r}")
+    check_int("call_tokens", call_tokens)
     marks = sorted(set(snapshots))
     bad = [m for m in marks if not (isinstance(m, int) and 0 < m <= T)]
     if bad:
@@ -275,8 +275,7 @@ def sidecars_call(model, T: int, *, memory: dict | None = None, seed: int = 0) -
     (random, the same for every block), under no_grad: the sidecars' own compute, without
     the base model, the hooks or the wrapper. `memory` {layer: state} is the state each block
     continues (not advanced between calls; T=1 with a state takes the decode path)."""
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be a positive int, got {T!r}")
+    check_int("T", T)
     blocks = [(i, model.sidecars[str(i)]) for i in model.layer_ids]
     first = blocks[0][1].gdn.qkv_proj
     x = torch.randn(1, T, first.in_features, generator=torch.Generator().manual_seed(seed)).to(first.weight.device)

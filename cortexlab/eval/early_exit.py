@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int
 from cortexlab.neuro.early_exit import exit_confidence
 
 __all__ = ["adapt_threshold", "decode_token_macs", "exit_classifier_accuracy", "exit_decode_wall_clock",
@@ -303,10 +304,8 @@ def exit_decode_wall_clock(model, heads, prompts, thresholds=(0.5, 0.6, 0.7, 0.8
 
     from cortexlab.neuro.exit_decoding import generate_with_exits
 
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 2:
-        raise ValueError(f"max_new_tokens must be an int >= 2, got {max_new_tokens!r}")
+    check_int("repeats", repeats)
+    check_int("max_new_tokens", max_new_tokens, 2)
     _check_classifier(classifier, heads)
     prompts = [p if p.dim() == 2 else p[None] for p in prompts]
     if not prompts:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cortexlab.checks import check_int
 from cortexlab.eval.attention import AttentionRecord, sink_mass
 from cortexlab.neuro import AttentionDecay, HabituatingAttention, NoveltyDetector
 from cortexlab.neuro.habituation import HabituationConfig
@@ -54,8 +55,7 @@ def habituation_snapshots(record: AttentionRecord, config: HabituationConfig | N
     not yet read). The last snapshot equals `habituate(...).map` (the calls continue one another exactly).
     """
     _check_record(record)
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
+    check_int("every", every)
     scores = record.scores[:1]
     _, H, _, T = scores.shape
     module = HabituatingAttention(H, T, config)

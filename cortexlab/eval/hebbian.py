@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cortexlab.checks import check_int
 from cortexlab.eval.attention import AttentionRecord
 from cortexlab.neuro import HebbianAttention, RewardModulatedHebbian
 from cortexlab.neuro.hebbian import HebbianConfig
@@ -106,8 +107,7 @@ def hebbian_norm_trace(record: AttentionRecord, config: HebbianConfig | None = N
     call): this is how H grows and saturates over a sequence. Batch element 0 only.
     """
     _check_record(record)
-    if not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be a positive int, got {step!r}")
+    check_int("step", step)
     module = _module(record, config or HebbianConfig())
     q, k, scores = record.q[:1], record.k[:1], record.scores[:1]
     norms = []

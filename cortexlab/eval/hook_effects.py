@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from cortexlab.checks import check_int
+
 __all__ = ["FULL", "HOOK_SOURCES", "QUICK", "heldout_windows", "hook_sources", "paired_difference", "quiet", "run",
            "window_losses"]
 
@@ -127,9 +129,9 @@ def heldout_windows(tokenizer, windows: int, window_tokens: int) -> tuple[torch.
     """
     from cortexlab.data.corpus import stdlib_modules
 
-    for name, value, low in (("windows", windows, 1), ("window_tokens", window_tokens, 2)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not isinstance(windows, int) or isinstance(windows, bool) or windows < 1:
+        raise ValueError(f"windows must be an int >= 1, got {windows!r}")   # tests match this wording
+    check_int("window_tokens", window_tokens, 2)
     ids: list[int] = []
     starts: list[tuple[int, str]] = []
     for path in stdlib_modules("heldout"):

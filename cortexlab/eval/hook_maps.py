@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from cortexlab.checks import check_int
 from cortexlab.eval.attention import AttentionRecord
 from cortexlab.neuro.hooks import InferenceHookPipeline
 
@@ -33,8 +34,7 @@ def habituation_over_time(model, pipeline: InferenceHookPipeline, input_ids: tor
         raise ValueError("pipeline must be an InferenceHookPipeline with enable_habituation=True")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be token ids [1, T], got {getattr(input_ids, 'shape', input_ids)!r}")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
+    check_int("every", every)
     pipeline.habituation_map(layer)                      # raises unless the hooks act on `layer`
     attached_here = not pipeline.is_attached
     if attached_here:

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int
 from cortexlab.cortex.hybrid import HybridCortexBlock
 from cortexlab.ops import gated_delta_rule
 
@@ -208,8 +209,7 @@ def trace_block(block: HybridCortexBlock, x: torch.Tensor, state: dict | None = 
         raise TypeError(f"block must be a HybridCortexBlock, got {type(block).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, T, d_model] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
+    check_int("every", every)
     state = state or {}
     cfg = block.cfg
     x = x.float()
@@ -282,8 +282,7 @@ def retention(trace: MemoryTrace, starts: Sequence[int], horizon: int, *, batch:
     t + horizon < trace.tokens for every start.
     """
     T = trace.tokens
-    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
-        raise ValueError(f"horizon must be a positive int, got {horizon!r}")
+    check_int("horizon", horizon)
     starts = [int(t) for t in starts]
     if not starts:
         raise ValueError("starts is empty: pass the token positions whose writes to follow")
@@ -361,8 +360,7 @@ def repeat_surprise(model, text_ids: torch.Tensor, control_ids: torch.Tensor, la
 
 def smooth(x: torch.Tensor, window: int) -> torch.Tensor:
     """Trailing mean over the last `window` entries of a 1-D series (fewer at the start)."""
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    check_int("window", window)
     x = x.double()
     c = torch.cat([x.new_zeros(1), x.cumsum(0)])
     idx = torch.arange(1, len(x) + 1)

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cortexlab.checks import check_int
+
 __all__ = ["continuation_nll", "distinct_n", "greedy_continuations", "greedy_repetition", "repeated_ngram_rate"]
 
 
@@ -48,8 +50,7 @@ def _token_list(name: str, tokens) -> list[int]:
 
 
 def _check_n(n) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
 
 
 def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
@@ -111,10 +112,8 @@ def greedy_continuations(model, prompts: Sequence, max_new_tokens: int, *, eos_t
     position ids that skip the padding. Each row then computes what it computes alone, up to
     floating-point summation order.
     """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(keep_first, int) or isinstance(keep_first, bool) or keep_first < 0:
-        raise ValueError(f"keep_first must be an int >= 0, got {keep_first!r}")
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("keep_first", keep_first, 0)
     prompts = [_check_prompt(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts must not be empty")
@@ -176,8 +175,7 @@ def greedy_repetition(model, prompts: Sequence, max_new_tokens: int, *, pipeline
     _check_n(n)
     for k in distinct:
         _check_n(k)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     keep_first = 1
     if pipeline is not None:
         cfg = pipeline.config

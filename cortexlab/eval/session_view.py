@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cortexlab.checks import check_int
 from cortexlab.cortex.wrap import unflatten_memory
 
 from .controller import controller_signals
@@ -89,8 +90,7 @@ def recall_probe(model, question_ids: torch.Tensor, session_id: str, layer: int,
                  max_new_tokens: int = 8) -> RecallProbe:
     """Answer `question_ids` greedily with the session's memory and with an empty one (see the module doc)."""
     _check_ids(question_ids)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens)
     before = session_memory(model, session_id)
     if before is None:
         raise ValueError(f"session {session_id!r} has read nothing yet: read a call into it first")

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cortexlab.checks import check_int, check_number
+
 from .decode import cache_nbytes, kv_cache_nbytes, stdlib_files, stdlib_token_ids
 
 __all__ = [
@@ -111,8 +113,7 @@ def random_readout_(model, *, std: float = 1e-3, seed: int = 0):
     the same `seed` gives the same weights in any process. Nothing else changes.
     """
     _check_cortex(model)
-    if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std > 0):
-        raise ValueError(f"std must be a positive number, got {std!r}")
+    check_number("std", std, 0, low_open=True)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for i in model.layer_ids:
@@ -142,8 +143,7 @@ def chat_session(model, tokenizer, turns: Sequence[str], *, session_id: str = "c
     _check_cortex(model)
     if isinstance(turns, str) or not turns or not all(isinstance(t, str) for t in turns):
         raise ValueError("turns must be a non-empty sequence of str (one user message per call)")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens)
     turns = list(turns)
     bar = None
     if progress:
@@ -218,8 +218,7 @@ def stream_session(model, ids: torch.Tensor, *, call_tokens: int = 256, session_
                          f"got {getattr(ids, 'shape', type(ids).__name__)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must be int64 (or int32) token ids, got {ids.dtype}")
-    if not isinstance(call_tokens, int) or isinstance(call_tokens, bool) or call_tokens < 1:
-        raise ValueError(f"call_tokens must be a positive int, got {call_tokens!r}")
+    check_int("call_tokens", call_tokens)
     ids = ids[None] if ids.dim() == 1 else ids
     B, T = ids.shape
     config = model.base.config

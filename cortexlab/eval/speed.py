@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int
+
 # ---------------------------------------------------------------------------------------
 # timing
 
@@ -52,11 +54,10 @@ class Timing:
 @contextlib.contextmanager
 def num_threads(n: int | None):
     """Run the block with torch.set_num_threads(n) (no change when n is None), then restore."""
+    check_int("num_threads", n, allow_none=True)
     if n is None:
         yield
         return
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -212,8 +213,7 @@ def gated_delta_inputs(B: int, T: int, H: int, D: int, *, Dv: int | None = None,
     Generated in fp32 on the CPU with `seed`, then cast and moved.
     """
     for name, val in (("B", B), ("T", T), ("H", H), ("D", D)):
-        if not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_int(name, val)
     Dv = D if Dv is None else Dv
     gen = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int
 from cortexlab.cortex.wrap import decoder_layers
 from cortexlab.neuro import NeuromodulatedAttention, SynapticModulationMatrix, SynapticScaling
 
@@ -237,8 +238,7 @@ def synaptic_memory_vs_length(matrix: SynapticModulationMatrix, q: torch.Tensor,
     depend only on the shapes)."""
     rows = []
     for length in lengths:
-        if not isinstance(length, int) or length < 1:
-            raise ValueError(f"lengths must be positive ints, got {length!r}")
+        check_int("lengths", length)
         reps = -(-length // q.shape[2])
         q_t, k_t = q.repeat(1, 1, reps, 1)[:, :, :length], k.repeat(1, 1, reps, 1)[:, :, :length]
         band = peak_cpu_bytes(lambda: matrix.compute_synaptic_strength(q_t, k_t))

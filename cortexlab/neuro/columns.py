@@ -17,7 +17,7 @@ import numbers
 import torch
 from torch import nn
 
-from .checks import check_positive_int
+from cortexlab.checks import check_int, check_number
 
 TIERS = ("syntactic", "semantic", "abstract")
 # the design's table: brain analogy, specialisation, and a target mix over TIERS for a layer of that tier
@@ -80,7 +80,7 @@ class CorticalColumnAttention(nn.Module):
     def __init__(self, num_groups: int, heads_per_group: int, head_dim: int):
         super().__init__()
         for name, value in (("num_groups", num_groups), ("heads_per_group", heads_per_group), ("head_dim", head_dim)):
-            check_positive_int(name, value)
+            check_int(name, value)
         self.num_groups, self.heads_per_group, self.head_dim = int(num_groups), int(heads_per_group), int(head_dim)
         self.num_heads = self.num_groups * self.heads_per_group
 
@@ -147,13 +147,8 @@ class LateralInhibition(nn.Module):
 
     def __init__(self, num_groups: int, max_inhibition: float = 0.5):
         super().__init__()
-        check_positive_int("num_groups", num_groups)
-        if (
-            not isinstance(max_inhibition, numbers.Real)
-            or isinstance(max_inhibition, bool)
-            or not (0 < max_inhibition <= 1)
-        ):
-            raise ValueError(f"max_inhibition must lie in (0, 1], got {max_inhibition!r}")
+        check_int("num_groups", num_groups)
+        check_number("max_inhibition", max_inhibition, 0, 1, low_open=True)
         self.num_groups, self.max_inhibition = int(num_groups), float(max_inhibition)
         self.register_buffer("inhibition", torch.zeros(self.num_groups, self.num_groups))
 
@@ -176,8 +171,7 @@ class LateralInhibition(nn.Module):
     def update_inhibition(self, group_activations: torch.Tensor, lr: float = 0.01) -> None:
         """One anti-Hebbian step from the columns' outputs or activities [B, T, G, ...] (see the class docstring)."""
         self._check_group_tensor("group_activations", group_activations)
-        if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        check_number("lr", lr, 0, low_open=True)
         if not torch.isfinite(group_activations).all():
             raise ValueError("group_activations must be finite (found NaN or inf)")
         activity = column_activity(group_activations).reshape(-1, self.num_groups)
@@ -208,8 +202,8 @@ class HierarchicalColumnOrganizer:
     """
 
     def __init__(self, num_layers: int, num_groups: int):
-        check_positive_int("num_layers", num_layers)
-        check_positive_int("num_groups", num_groups)
+        check_int("num_layers", num_layers)
+        check_int("num_groups", num_groups)
         self.num_layers, self.num_groups = int(num_layers), int(num_groups)
         # integer form of (l + 0.5) / L < 10/32 (resp. 20/32): 32 (2l + 1) < 20 L (resp. 40 L)
         self._tier_index = [

@@ -29,19 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cortexlab.checks import check_int, check_number
+
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 
 
 def _check_number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    """`check_number`, except that a non-number (or NaN / inf) is a TypeError here."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    check_number(name, value, low, high, low_open=low_open)
 
 
 @dataclass
@@ -72,13 +69,13 @@ class EarlyExitConfig:
     latency_budget_ms: float | None = None
 
     def __post_init__(self):
-        if not _is_int(self.min_layer) or self.min_layer < 1:
-            raise ValueError(f"min_layer must be an int >= 1, got {self.min_layer!r}")
-        if self.num_layers is not None and (not _is_int(self.num_layers) or self.num_layers < 2):
-            raise ValueError(f"num_layers must be an int >= 2 or None, got {self.num_layers!r}")
+        check_int("min_layer", self.min_layer)
+        check_int("num_layers", self.num_layers, 2, allow_none=True)
         layers = tuple(self.exit_layers) if isinstance(self.exit_layers, (list, tuple, range)) else None
-        if not layers or not all(_is_int(x) for x in layers):
+        if not layers:
             raise ValueError(f"exit_layers must be a non-empty list of ints, got {self.exit_layers!r}")
+        for layer in layers:
+            check_int("exit_layers", layer)
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"exit_layers must be strictly increasing (sorted, unique), got {list(layers)}")
         if layers[0] < self.min_layer:
@@ -232,9 +229,8 @@ class EarlyExitEngine(nn.Module):
     def __init__(self, config: EarlyExitConfig, hidden_dim: int, output_dim: int,
                  shared_head: Callable | None = None, controller: AdaptiveComputationController | None = None):
         super().__init__()
-        for name, value, low in (("hidden_dim", hidden_dim, 1), ("output_dim", output_dim, 2)):
-            if not _is_int(value) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int("hidden_dim", hidden_dim)
+        check_int("output_dim", output_dim, 2)
         if not isinstance(config, EarlyExitConfig):
             raise TypeError(f"config must be an EarlyExitConfig, got {type(config).__name__}")
         if shared_head is not None and not callable(shared_head):
@@ -270,7 +266,7 @@ class EarlyExitEngine(nn.Module):
                              threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """None at a non-exit layer or when not confident, else (logits [.., V], confidence [B, T] or [B])."""
         self._check_hidden(hidden_state)
-        if not _is_int(layer_idx):
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
             raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
         tau = self.threshold if threshold is None else threshold
         _check_number("threshold", tau, 0.0, 1.0, low_open=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cortexlab.checks import check_int, check_number
+
 from .early_exit import EarlyExitEngine
 
 __all__ = ["ExitClassifier", "consistency_examples"]
@@ -31,10 +33,8 @@ class ExitClassifier(nn.Module):
         if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in layers) \
                 or any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"exit_layers must be a non-empty increasing sequence of ints >= 1, got {exit_layers!r}")
-        if not isinstance(hidden_dim, int) or isinstance(hidden_dim, bool) or hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+        check_int("hidden_dim", hidden_dim)
+        check_number("eps", eps, 0, 1, low_open=True, high_open=True)
         self.exit_layers, self.hidden_dim, self.eps = layers, hidden_dim, float(eps)
         self.weight = nn.Parameter(torch.zeros(len(layers), hidden_dim))
         self.bias = nn.Parameter(torch.zeros(len(layers)))
@@ -67,8 +67,7 @@ def consistency_examples(model, heads: EarlyExitEngine, windows: torch.Tensor, *
         raise ValueError(f"heads must be an EarlyExitEngine, got {type(heads).__name__}")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2 or len(windows) < 1:
         raise ValueError(f"windows must be token ids [n, T+1] with T >= 1, got {getattr(windows, 'shape', windows)}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     device = model.lm_head.weight.device
     hidden: dict[int, list] = {layer: [] for layer in heads.exit_layers}
     labels: dict[int, list] = {layer: [] for layer in heads.exit_layers}

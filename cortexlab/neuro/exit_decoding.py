@@ -30,13 +30,14 @@ one [V] logits row per head call. Batch size 1 (per-token exits differ between s
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.masking_utils import create_causal_mask
+
+from cortexlab.checks import check_int, check_number
 
 from .backbone import rotate_half
 from .early_exit import EarlyExitConfig, EarlyExitEngine
@@ -192,14 +193,11 @@ def _check_inputs(model, heads, input_ids, max_new_tokens, threshold, eos_token_
         raise ValueError("input_ids must be an integer tensor of token ids [1, T]")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must have shape [1, T] with T >= 1 (batch size 1), got {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens)
     if eos_token_id is not None and (not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool)):
         raise ValueError(f"eos_token_id must be an int or None, got {eos_token_id!r}")
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
-                or threshold <= 0:
-            raise ValueError(f"threshold must be None or a number > 0 (>= 1: no exit), got {threshold!r}")
+    if threshold is not None:                       # >= 1 (inf included): no exit
+        check_number("threshold", threshold, 0, low_open=True, allow_inf=True)
     exits = threshold is not None and threshold < 1
     if heads is None:
         if exits:

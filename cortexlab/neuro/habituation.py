@@ -24,16 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cortexlab.checks import check_int, check_number
+
 _CHUNK = 64  # queries per step of the discounted scan in `HabituatingAttention`
-
-
-def _number_in(name: str, value, low: float, high: float, *, high_open: bool = False) -> None:
-    """Raise ValueError naming `name` unless low <= value <= high (or < high when high_open)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value!r}")
 
 
 def _check_scores(scores, name: str = "scores") -> None:
@@ -68,10 +61,10 @@ class HabituationConfig:
     max_habituation: float = 0.9
 
     def __post_init__(self):
-        _number_in("habituation_rate", self.habituation_rate, 0.0, math.inf, high_open=True)
-        _number_in("recovery_rate", self.recovery_rate, 0.0, 1.0)
-        _number_in("attention_threshold", self.attention_threshold, 0.0, 1.0, high_open=True)
-        _number_in("max_habituation", self.max_habituation, 0.0, 1.0, high_open=True)
+        check_number("habituation_rate", self.habituation_rate, 0)
+        check_number("recovery_rate", self.recovery_rate, 0, 1)
+        check_number("attention_threshold", self.attention_threshold, 0, 1, high_open=True)
+        check_number("max_habituation", self.max_habituation, 0, 1, high_open=True)
 
 
 def _scan_chunk(fresh: torch.Tensor, decay: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +117,8 @@ class HabituatingAttention(nn.Module):
 
     def __init__(self, num_heads: int, max_seq_len: int, config: HabituationConfig | None = None):
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("num_heads", num_heads)
+        check_int("max_seq_len", max_seq_len)
         if config is not None and not isinstance(config, HabituationConfig):
             raise TypeError(f"config must be a HabituationConfig, got {type(config).__name__}")
         self.num_heads = num_heads
@@ -231,13 +223,12 @@ class AttentionDecay(nn.Module):
 
     def __init__(self, num_layers: int, decay: float | Sequence[float] = 0.1):
         super().__init__()
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        check_int("num_layers", num_layers)
         values = [decay] * num_layers if isinstance(decay, (int, float)) else list(decay)
         if len(values) != num_layers:
             raise ValueError(f"decay must be a number or {num_layers} numbers (one per layer), got {len(values)}")
         for value in values:
-            _number_in("decay", value, 0.0, 1.0, high_open=True)
+            check_number("decay", value, 0, 1, high_open=True)
         self.num_layers = num_layers
         self.register_buffer("log_keep", torch.log1p(-torch.tensor(values, dtype=torch.float64)).float(),
                              persistent=False)
@@ -287,9 +278,8 @@ class NoveltyDetector(nn.Module):
 
     def __init__(self, dim: int, strength: float = 1.0, eps: float = 1e-6):
         super().__init__()
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        _number_in("strength", strength, 0.0, 1.0)
+        check_int("dim", dim)
+        check_number("strength", strength, 0, 1)
         self.dim = dim
         self.strength = strength
         self.eps = eps

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cortexlab.checks import check_int, check_number
+
 
 @dataclass
 class HebbianConfig:
@@ -44,14 +46,10 @@ class HebbianConfig:
     eta: float = 1.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
-            raise ValueError(f"learning_rate must be finite and >= 0, got {self.learning_rate}")
-        if not 0 <= self.decay_rate <= 1:
-            raise ValueError(f"decay_rate must be in [0, 1], got {self.decay_rate}")
-        if not (math.isfinite(self.max_hebbian_norm) and self.max_hebbian_norm > 0):
-            raise ValueError(f"max_hebbian_norm must be finite and > 0, got {self.max_hebbian_norm}")
-        if not math.isfinite(self.eta):
-            raise ValueError(f"eta must be finite, got {self.eta}")
+        check_number("learning_rate", self.learning_rate, 0)
+        check_number("decay_rate", self.decay_rate, 0, 1)
+        check_number("max_hebbian_norm", self.max_hebbian_norm, 0, low_open=True)
+        check_number("eta", self.eta)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, num_heads: int, head_dim: int) -> None:
@@ -80,8 +78,8 @@ class HebbianAttention(nn.Module):
 
     def __init__(self, head_dim: int, num_heads: int = 1, config: HebbianConfig | None = None):
         super().__init__()
-        if head_dim < 1 or num_heads < 1:
-            raise ValueError(f"head_dim and num_heads must be >= 1, got {head_dim}, {num_heads}")
+        check_int("head_dim", head_dim)
+        check_int("num_heads", num_heads)
         self.head_dim, self.num_heads = head_dim, num_heads
         self.config = config or HebbianConfig()
         self.register_buffer("hebbian", torch.zeros(num_heads, head_dim, head_dim), persistent=False)

@@ -53,6 +53,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.cortex.wrap import decoder_layers
 
 from .habituation import HabituatingAttention, HabituationConfig
@@ -63,13 +64,6 @@ from .temperature import AdaptiveHeadTemperature
 __all__ = ["InferenceHookConfig", "InferenceHookPipeline"]
 
 _MAX_KEYS = 1 << 30       # HabituatingAttention checks Tk against a bound; the hooks impose none
-
-
-def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *, allow_inf: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (math.isfinite(value) or (allow_inf and value == math.inf)) and low <= value <= high
-    if not ok:
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -115,14 +109,11 @@ class InferenceHookConfig:
             if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
                 raise ValueError(f'layers must be "all" or a non-empty list of layer indices >= 0, got {self.layers!r}')
             object.__setattr__(self, "layers", sorted(set(layers)))
-        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
-        _number("temperature_strength", self.temperature_strength)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_number("temperature_strength", self.temperature_strength)
         if self.temperature_target is not None:
-            _number("temperature_target", self.temperature_target, 0.0, 1.0)
-        _number("voting_temperature", self.voting_temperature, 0.0, allow_inf=True)
-        if self.voting_temperature == 0:
-            raise ValueError("voting_temperature must be > 0")
+            check_number("temperature_target", self.temperature_target, 0, 1)
+        check_number("voting_temperature", self.voting_temperature, 0, low_open=True, allow_inf=True)
         hebbian = HebbianConfig(learning_rate=self.hebbian_learning_rate, decay_rate=self.hebbian_decay,
                                 max_hebbian_norm=self.hebbian_max_norm, eta=self.hebbian_eta)
         habituation = HabituationConfig(habituation_rate=self.habituation_rate, recovery_rate=self.recovery_rate,

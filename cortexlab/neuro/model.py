@@ -51,12 +51,13 @@ The default objectives are TrainingObjectiveConfig(prediction_error_weight=confi
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from cortexlab.checks import check_number
 
 from .columns import LateralInhibition, mean_pairwise_js_divergence
 from .config import NeuroLlamaConfig
@@ -268,6 +269,5 @@ def aux_weights(objectives: TrainingObjectiveConfig, exit_loss_weight: float) ->
 
 
 def check_exit_loss_weight(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"exit_loss_weight must be a finite number >= 0, got {value!r}")
+    check_number("exit_loss_weight", value, 0)
     return float(value)

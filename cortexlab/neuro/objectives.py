@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cortexlab.checks import check_int, check_number
+
 WEIGHT_NAMES = ("prediction_error_weight", "specialization_weight", "calibration_weight",
                 "efficiency_weight", "coherence_weight")
 TERMS = ("surprise", "specialization", "calibration", "efficiency", "coherence")
@@ -70,12 +72,8 @@ class TrainingObjectiveConfig:
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if isinstance(self.calibration_bins, bool) or not isinstance(self.calibration_bins, int) \
-                or self.calibration_bins < 1:
-            raise ValueError(f"calibration_bins must be an int >= 1, got {self.calibration_bins!r}")
-        temp = self.calibration_temperature
-        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp) or temp <= 0:
-            raise ValueError(f"calibration_temperature must be a finite number > 0, got {temp!r}")
+        check_int("calibration_bins", self.calibration_bins)
+        check_number("calibration_temperature", self.calibration_temperature, 0, low_open=True)
         if self.coherence_pooling not in ("mean", "last"):
             raise ValueError(f"coherence_pooling must be 'mean' or 'last', got {self.coherence_pooling!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
@@ -179,10 +177,8 @@ class CalibrationLoss(nn.Module):
 
     def __init__(self, num_bins: int = 15, temperature: float = 0.1):
         super().__init__()
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
-        if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_int("num_bins", num_bins)
+        check_number("temperature", temperature, 0, low_open=True)
         self.num_bins, self.temperature = num_bins, temperature
 
     def ece(self, confidences: torch.Tensor, correctness: torch.Tensor) -> torch.Tensor:

@@ -16,21 +16,14 @@ sum to 1 over heads (or are all 0 when every head is silenced), and is used in o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .checks import check_positive_int
+from cortexlab.checks import check_int, check_number
 
 VOTING_METHODS = ("tuning_curve", "confidence", "entropy")
-
-
-def _positive_number(name: str, value, *, allow_inf: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if not (ok and (math.isfinite(value) or (allow_inf and value == math.inf))):
-        raise ValueError(f"{name} must be a positive{' (or infinite)' if allow_inf else ''} number, got {value!r}")
 
 
 def _check_heads(head_outputs, num_heads: int, head_dim: int | None = None) -> None:
@@ -70,10 +63,9 @@ class ConfidenceWeightedVoting(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, threshold: float = 0.1):
         super().__init__()
-        check_positive_int("num_heads", num_heads)
-        check_positive_int("head_dim", head_dim)
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 1):
-            raise ValueError(f"threshold must lie in [0, 1), got {threshold!r}")
+        check_int("num_heads", num_heads)
+        check_int("head_dim", head_dim)
+        check_number("threshold", threshold, 0, 1, high_open=True)
         self.num_heads, self.head_dim, self.threshold = num_heads, head_dim, threshold
         self.weight = nn.Parameter(torch.zeros(num_heads, head_dim))
         self.bias = nn.Parameter(torch.zeros(num_heads))
@@ -120,8 +112,8 @@ class EntropyBasedVoting(nn.Module):
 
     def __init__(self, num_heads: int, temperature: float = 1.0):
         super().__init__()
-        check_positive_int("num_heads", num_heads)
-        _positive_number("temperature", temperature, allow_inf=True)
+        check_int("num_heads", num_heads)
+        check_number("temperature", temperature, 0, low_open=True, allow_inf=True)
         self.num_heads, self.temperature = num_heads, temperature
 
     def head_weights(self, attention_weights: torch.Tensor) -> torch.Tensor:
@@ -168,13 +160,12 @@ class PopulationConfig:
 
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "hidden_dim"):
-            check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.voting_method not in VOTING_METHODS:
             raise ValueError(f"voting_method must be one of {VOTING_METHODS}, got {self.voting_method!r}")
-        _positive_number("tuning_width", self.tuning_width, allow_inf=True)
-        _positive_number("temperature", self.temperature, allow_inf=True)
-        if not (isinstance(self.confidence_threshold, (int, float)) and 0 <= self.confidence_threshold < 1):
-            raise ValueError(f"confidence_threshold must lie in [0, 1), got {self.confidence_threshold!r}")
+        check_number("tuning_width", self.tuning_width, 0, low_open=True, allow_inf=True)
+        check_number("temperature", self.temperature, 0, low_open=True, allow_inf=True)
+        check_number("confidence_threshold", self.confidence_threshold, 0, 1, high_open=True)
 
 
 class PopulationCodedAttention(nn.Module):

@@ -5,12 +5,13 @@ van den Oord, Li & Vinyals (2018) "Representation learning with contrastive pred
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cortexlab.checks import check_int, check_number
 
 
 @dataclass
@@ -24,10 +25,8 @@ class PredictiveCodingConfig:
     detach_target: bool = True
 
     def __post_init__(self):
-        if not (math.isfinite(self.prediction_weight) and self.prediction_weight >= 0):
-            raise ValueError(f"prediction_weight must be finite and >= 0, got {self.prediction_weight}")
-        if not 0 <= self.error_signal_decay <= 1:
-            raise ValueError(f"error_signal_decay must be in [0, 1], got {self.error_signal_decay}")
+        check_number("prediction_weight", self.prediction_weight, 0)
+        check_number("error_signal_decay", self.error_signal_decay, 0, 1)
 
 
 def _check_hidden(name: str, x, hidden_dim: int, like: torch.Tensor | None = None) -> None:
@@ -64,8 +63,7 @@ class PredictiveCodingLayer(nn.Module):
 
     def __init__(self, hidden_dim: int, config: PredictiveCodingConfig | None = None):
         super().__init__()
-        if hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
+        check_int("hidden_dim", hidden_dim)
         self.hidden_dim = hidden_dim
         self.config = config or PredictiveCodingConfig()
         self.top_down = nn.Linear(hidden_dim, hidden_dim)
@@ -142,14 +140,11 @@ class ContrastivePredictiveCoding(nn.Module):
     def __init__(self, hidden_dim: int, num_negatives: int = 16, prediction_horizon: int = 1,
                  target_dim: int | None = None, temperature: float = 1.0):
         super().__init__()
-        if hidden_dim < 1 or (target_dim is not None and target_dim < 1):
-            raise ValueError(f"hidden_dim and target_dim must be >= 1, got {hidden_dim}, {target_dim}")
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-        if prediction_horizon < 1:
-            raise ValueError(f"prediction_horizon must be >= 1, got {prediction_horizon}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        check_int("hidden_dim", hidden_dim)
+        check_int("target_dim", target_dim, allow_none=True)
+        check_int("num_negatives", num_negatives)
+        check_int("prediction_horizon", prediction_horizon)
+        check_number("temperature", temperature, 0, low_open=True)
         self.hidden_dim, self.target_dim = hidden_dim, target_dim or hidden_dim
         self.num_negatives, self.prediction_horizon, self.temperature = num_negatives, prediction_horizon, temperature
         self.predictor = nn.Linear(hidden_dim, self.target_dim, bias=False)     # W_k

@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_positive_int
-
-
-def _check_finite_number(name: str, value) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+from cortexlab.checks import check_int, check_number
 
 
 def _check_float_tensor(name: str, x, ndims: tuple[int, ...]) -> None:
@@ -51,15 +46,10 @@ class SynapticScaling(nn.Module):
 
     def __init__(self, num_heads: int, init_alpha: float = 1.0, alpha_min: float = 0.1, alpha_max: float = 10.0):
         super().__init__()
-        check_positive_int("num_heads", num_heads)
-        for name, value in (("init_alpha", init_alpha), ("alpha_min", alpha_min), ("alpha_max", alpha_max)):
-            _check_finite_number(name, value)
-        if not 0 < alpha_min <= alpha_max:
-            raise ValueError(
-                f"alpha_min, alpha_max must satisfy 0 < alpha_min <= alpha_max, got {alpha_min}, {alpha_max}"
-            )
-        if not alpha_min <= init_alpha <= alpha_max:
-            raise ValueError(f"init_alpha must lie in [{alpha_min}, {alpha_max}], got {init_alpha}")
+        check_int("num_heads", num_heads)
+        check_number("alpha_min", alpha_min, 0, low_open=True)
+        check_number("alpha_max", alpha_max, alpha_min)
+        check_number("init_alpha", init_alpha, alpha_min, alpha_max)
         self.num_heads = int(num_heads)
         self.alpha_min = float(alpha_min)
         self.alpha_max = float(alpha_max)
@@ -84,7 +74,7 @@ class SynapticScaling(nn.Module):
             or not 0 <= head_idx < self.num_heads
         ):
             raise ValueError(f"head_idx must be an int in [0, {self.num_heads}), got {head_idx!r}")
-        _check_finite_number("delta", delta)
+        check_number("delta", delta)
         self.alpha[head_idx] = (self.alpha[head_idx] + delta).clamp(self.alpha_min, self.alpha_max)
 
 
@@ -107,10 +97,10 @@ class NeuromodulatedAttention(nn.Module):
 
     def __init__(self, hidden_dim: int, num_heads: int, bottleneck: int | None = None):
         super().__init__()
-        check_positive_int("hidden_dim", hidden_dim)
-        check_positive_int("num_heads", num_heads)
+        check_int("hidden_dim", hidden_dim)
+        check_int("num_heads", num_heads)
         bottleneck = max(num_heads, hidden_dim // 16) if bottleneck is None else bottleneck
-        check_positive_int("bottleneck", bottleneck)
+        check_int("bottleneck", bottleneck)
         self.hidden_dim, self.num_heads, self.bottleneck = int(hidden_dim), int(num_heads), int(bottleneck)
         self.fc1 = nn.Linear(self.hidden_dim, self.bottleneck)
         self.fc2 = nn.Linear(self.bottleneck, self.num_heads)
@@ -161,8 +151,8 @@ class SynapticModulationMatrix(nn.Module):
 
     def __init__(self, head_dim: int, window_size: int):
         super().__init__()
-        check_positive_int("head_dim", head_dim)
-        check_positive_int("window_size", window_size)
+        check_int("head_dim", head_dim)
+        check_int("window_size", window_size)
         self.head_dim, self.window_size = int(head_dim), int(window_size)
         self.weight = nn.Parameter(torch.zeros(self.head_dim, self.head_dim))
 

@@ -25,12 +25,10 @@ fp32 softmax of the scores, [B, H, Tq, Tk], freed after the call.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .checks import check_positive_int
+from cortexlab.checks import check_int, check_number
 
 
 class AdaptiveHeadTemperature(nn.Module):
@@ -43,12 +41,10 @@ class AdaptiveHeadTemperature(nn.Module):
 
     def __init__(self, num_heads: int, strength: float = 1.0, target: float | None = None):
         super().__init__()
-        check_positive_int("num_heads", num_heads)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise ValueError(f"strength must be a finite number, got {strength!r}")
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                                   or not 0 <= target <= 1):
-            raise ValueError(f"target must be None or a number in [0, 1], got {target!r}")
+        check_int("num_heads", num_heads)
+        check_number("strength", strength)
+        if target is not None:
+            check_number("target", target, 0, 1)
         self.num_heads, self.strength, self.target = num_heads, float(strength), target
         self.register_buffer("entropy_sum", torch.zeros(0, num_heads), persistent=False)
         self.register_buffer("count", torch.zeros(0, num_heads), persistent=False)

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int, check_number
+
 from .chunk import ChunkGatedDeltaRule
 from .recurrent import recurrent_gated_delta_rule
 
@@ -61,10 +63,9 @@ def validate_inputs(q, k, v, g, beta, initial_state, *, scale, chunk_size, backe
         expected = (B, H, Dk, v.shape[-1])
         if tuple(initial_state.shape) != expected:
             raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is not None:
+        check_number("scale", scale, 0, low_open=True)
+    check_int("chunk_size", chunk_size)
     devices = {x.device for x in (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")

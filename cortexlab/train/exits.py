@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from cortexlab.checks import check_int
+
 __all__ = ["fit_exit_heads", "train_exit_heads"]
 
 
@@ -44,9 +46,8 @@ def fit_exit_heads(model, heads, windows: torch.Tensor, backbone: Callable, *, s
     frozen `model`; `heads` (an `EarlyExitEngine`) trains on them with AdamW. Returns the exit loss of each step."""
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be token ids [n, T+1] with T >= 1, got {getattr(windows, 'shape', windows)}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int("steps", steps)
+    check_int("batch_size", batch_size)
     if len(windows) < batch_size:
         raise ValueError(f"windows holds {len(windows)} windows, fewer than batch_size={batch_size}")
     own = {id(p) for p in heads.parameters()}

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.data.corpus import TokenCorpus, stdlib_tokenizer
 from cortexlab.neuro.backbone import NeuroLlamaModel, create_neurollama
 from cortexlab.neuro.config import NeuroLlamaConfig
@@ -90,17 +91,12 @@ class LMTrainConfig:
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_windows", "eval_batch_size",
                      "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("grad_clip", self.grad_clip, 0, allow_inf=True)   # inf: no clipping
         self.model_config()   # an unknown preset or field, or an invalid value, fails here
 
     def model_config(self) -> NeuroLlamaConfig:

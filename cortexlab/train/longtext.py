@@ -27,7 +27,6 @@ held-out module long enough, the three variants above, the mean loss at each pos
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.data import stdlib_documents
 
@@ -72,21 +72,11 @@ class LongTextConfig:
 
     def __post_init__(self):
         for name in ("segment_tokens", "train_segments", "eval_segments", "eval_docs", "steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
-        for name in ("lr", "min_lr_ratio", "grad_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("grad_clip", self.grad_clip, 0)
         self.cortex_config()   # an invalid sidecar setting fails here
 
     def cortex_config(self) -> CortexWrapConfig:

@@ -22,8 +22,9 @@ Training: a fresh batch of train-split sequences every step (seeded by (seed, st
 cross-entropy on the answer positions only, AdamW with linear warm-up then cosine decay, gradient clipping.
 Evaluation: accuracy of the argmax at the answer positions of a held-out set (test-split seeds), every `eval_every`
 steps; a run stops early once it reaches `stop_accuracy` ("target"), or with `patience`, once `patience`
-evaluations in a row failed to beat its best accuracy by `min_delta` ("plateau"). Baselines beside every result:
-chance (1 / number of values) and the same model before training.
+evaluations in a row failed to beat its best accuracy by `min_delta`, but not before `min_steps` ("plateau": MQAR
+is learnt in sudden jumps after long flat stretches, so a plateau rule needs that floor). Baselines beside every
+result: chance (1 / number of values) and the same model before training.
 
 The recipe trains a grid (`mqar_grid`): mixers x sequence lengths at a fixed number of pairs (accuracy vs length),
 mixers x numbers of pairs at a fixed length (accuracy vs state capacity), each at several model sizes, and writes
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, HybridCortexBlock
 from cortexlab.cortex.gdn import ShortConv
 from cortexlab.cortex.window import empty_window, sliding_window_attention
@@ -55,11 +56,6 @@ __all__ = ["MIXERS", "MQARModel", "MQARModelConfig", "MQARTrainConfig", "evaluat
 
 MIXERS = ("attention", "sliding_window", "gdn", "hybrid")
 CONV_SIZE = CortexWrapConfig().conv_size   # the short conv every mixer shares with the sidecar
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -80,10 +76,10 @@ class MQARModelConfig:
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "mlp_ratio", "window_size"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
-        _positive_int("head_dim", self.dim)
+        check_int("head_dim", self.dim)
         if self.mixer in ("attention", "sliding_window") and self.dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.dim}")
         if self.window_size < 2 and self.mixer in ("sliding_window", "hybrid"):
@@ -194,7 +190,7 @@ def evaluate_mqar(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, 
 
     sequence_accuracy: the fraction of sequences whose every answer is right.
     """
-    _positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -233,28 +229,23 @@ class MQARTrainConfig:
     stop_accuracy: float | None = 0.99
     patience: int | None = None
     min_delta: float = 0.01
+    min_steps: int = 0
 
     def __post_init__(self):
         if not isinstance(self.task, MQARTask):
             raise ValueError(f"task must be an MQARTask, got {type(self.task).__name__}")
         for name in ("steps", "batch_size", "test_size", "eval_every"):
-            _positive_int(name, getattr(self, name))
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.stop_accuracy is not None and not 0 < self.stop_accuracy <= 1:
-            raise ValueError(f"stop_accuracy must be None or lie in (0, 1], got {self.stop_accuracy!r}")
-        if self.patience is not None:
-            _positive_int("patience", self.patience)
-        if not 0 <= self.min_delta < 1:
-            raise ValueError(f"min_delta must lie in [0, 1), got {self.min_delta!r}")
+            check_int(name, getattr(self, name))
+        for name in ("warmup_steps", "seed", "min_steps"):
+            check_int(name, getattr(self, name), 0)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("grad_clip", self.grad_clip, 0)
+        if self.stop_accuracy is not None:
+            check_number("stop_accuracy", self.stop_accuracy, 0, 1, low_open=True)
+        check_int("patience", self.patience, allow_none=True)
+        check_number("min_delta", self.min_delta, 0, 1, high_open=True)
         self.model_config()   # an invalid model setting fails here
 
     def model_config(self) -> MQARModelConfig:
@@ -323,7 +314,7 @@ def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None,
                 stopped = "target"
                 break
             best, stale = (accuracy, 0) if accuracy >= best + cfg.min_delta else (best, stale + 1)
-            if cfg.patience is not None and stale >= cfg.patience:
+            if cfg.patience is not None and stale >= cfg.patience and step + 1 >= cfg.min_steps:
                 stopped = "plateau"
                 break
     bar.close()   # the loop ends right after an evaluation (the last step's, or the one that reached stop_accuracy)
@@ -365,8 +356,8 @@ def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), pr
     """
     from tqdm.auto import tqdm
 
-    _positive_int("jobs", jobs)
-    _positive_int("threads", threads)
+    check_int("jobs", jobs)
+    check_int("threads", threads)
     keys = [_key(jsonable(asdict(cfg))) for cfg in configs]
     finished = {_key(r["config"]): r for r in done}
     todo = [cfg for cfg, key in zip(configs, keys) if key not in finished]
@@ -451,6 +442,7 @@ def add_cli(sub) -> None:
                    help="stop a run after this many evaluations in a row without beating its best accuracy by "
                         "--min-delta (0: never)")
     p.add_argument("--min-delta", type=float, default=d.min_delta)
+    p.add_argument("--min-steps", type=int, default=d.min_steps, help="no plateau stop before this many steps")
     p.add_argument("--resume", action="store_true", help="keep the finished runs of --out whose config matches")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per run with --jobs)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process")
@@ -471,7 +463,7 @@ def run_cli(args, command: str) -> dict:
                            batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                            test_size=args.test_size, eval_every=args.eval_every,
                            stop_accuracy=args.stop_accuracy or None, patience=args.patience or None,
-                           min_delta=args.min_delta)
+                           min_delta=args.min_delta, min_steps=args.min_steps)
     if args.quick:
         sweep = QUICK
         base = replace(base, task=MQARTask(vocab_size=64), window_size=8, steps=10, batch_size=8,

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import random
 import shutil
 import time
@@ -55,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.controller import SLOW_DECAY_LOGIT, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
@@ -122,30 +122,18 @@ class RecallTrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "call_tokens", "key_digits", "eval_examples", "eval_batch_size",
                      "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
         for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if not (isinstance(self.easy_fraction, (int, float)) and 0 <= self.easy_fraction <= 1):
-            raise ValueError(f"easy_fraction must lie in [0, 1], got {self.easy_fraction!r}")
-        if not isinstance(self.easy_call_tokens, int) or self.easy_call_tokens < 16:
-            raise ValueError(f"easy_call_tokens must be an int >= 16, got {self.easy_call_tokens!r}")
+            check_int(name, getattr(self, name), 0)
+        check_number("easy_fraction", self.easy_fraction, 0, 1)
+        check_int("easy_call_tokens", self.easy_call_tokens, 16)
         if self.easy_filler not in FILLERS:
             raise ValueError(f"easy_filler must be one of {FILLERS}, got {self.easy_filler!r}")
-        for name in ("lr", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr == 0:
-            raise ValueError("lr must be > 0")
-        if self.crop_filler is not None and (not isinstance(self.crop_filler, int)
-                                             or isinstance(self.crop_filler, bool) or self.crop_filler < 0):
-            raise ValueError(f"crop_filler must be None or an int >= 0, got {self.crop_filler!r}")
-        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("grad_clip", self.grad_clip, 0)
+        check_int("crop_filler", self.crop_filler, 0, allow_none=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
         self.eval_distances = tuple(self.eval_distances)
         if not self.eval_distances or any(not isinstance(d, int) or d < 0 for d in self.eval_distances):
             raise ValueError(f"eval_distances must be non-negative ints, got {self.eval_distances!r}")
@@ -358,9 +346,8 @@ class RecallEvalSet:
         self.distances = sorted(set(int(d) for d in distances))
         if not self.distances or self.distances[0] < 0:
             raise ValueError(f"distances must be non-negative ints, got {distances!r}")
-        for name, value in (("examples", examples), ("batch_size", batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("examples", examples)
+        check_int("batch_size", batch_size)
         self.task, self.examples, self.seed = task, examples, seed
         self.layer = single_sidecar_layer(model)
         self.entropy_layer = entropy_layer(model)
@@ -543,8 +530,7 @@ def crop_plan(task: RecallTask, max_filler: int, seed: int) -> CropPlan:
     memory trains on are shorter; the filler calls of N > 2 still add T tokens each.
     Evaluation always uses whole calls.
     """
-    if not isinstance(max_filler, int) or isinstance(max_filler, bool) or max_filler < 0:
-        raise ValueError(f"max_filler must be an int >= 0, got {max_filler!r}")
+    check_int("max_filler", max_filler, 0)
     rng = random.Random(f"crop_plan/{seed}")
     T = task.call_tokens
     fact_at = rng.randint(0, min(max_filler, T - task.max_fact_tokens))

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cortexlab.checks import check_int, check_number
 from cortexlab.neuro.early_exit import EarlyExitEngine
 
 from .common import environment, git_revision, publish_dir_atomic, write_json_atomic
@@ -67,17 +68,11 @@ class SmolLM2ExitsConfig:
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "steps", "probe_windows", "probe_steps", "heldout_windows",
                      "decode_prompts", "prompt_len", "repeats"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.new_tokens, int) or self.new_tokens < 2:
-            raise ValueError(f"new_tokens must be an int >= 2, got {self.new_tokens!r}")
+            check_int(name, getattr(self, name))
+        check_int("new_tokens", self.new_tokens, 2)
         for name in ("lr", "probe_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-        if isinstance(self.probe_l2, bool) or not isinstance(self.probe_l2, (int, float)) or self.probe_l2 < 0:
-            raise ValueError(f"probe_l2 must be a number >= 0, got {self.probe_l2!r}")
+            check_number(name, getattr(self, name), 0, 1, low_open=True, high_open=True)
+        check_number("probe_l2", self.probe_l2, 0)
         self.exit_layers, self.thresholds = tuple(self.exit_layers), tuple(self.thresholds)
         if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds):
             raise ValueError(f"thresholds must be numbers in (0, 1], got {self.thresholds!r}")
@@ -111,12 +106,9 @@ def train_exit_classifier(classifier, examples: dict, *, steps: int, lr: float, 
         raise ValueError(f"classifier must be an ExitClassifier, got {type(classifier).__name__}")
     if not isinstance(examples, dict) or set(examples) != set(classifier.exit_layers):
         raise ValueError(f"examples must map each exit layer {list(classifier.exit_layers)} to (hidden, labels)")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        raise ValueError(f"lr must be a number in (0, 1), got {lr!r}")
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not 0 <= l2 < float("inf"):
-        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+    check_int("steps", steps)
+    check_number("lr", lr, 0, 1, low_open=True, high_open=True)
+    check_number("l2", l2, 0)
     device = classifier.weight.device
     data = [(layer, hidden.to(device), labels.to(device).float()) for layer, (hidden, labels) in examples.items()]
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
