@@ -39,7 +39,7 @@ def test_heldout_windows_are_spread_evenly_over_the_heldout_stream():
     assert names[0] == files[0].name and len(set(names)) == 3 and set(names) <= {p.name for p in files}
     with pytest.raises(ValueError, match="window_tokens must be an int >= 2"):
         hook_effects.heldout_windows(None, 3, 1)
-    with pytest.raises(ValueError, match="windows must be an int >= 1"):
+    with pytest.raises(ValueError, match="windows must be a positive int"):
         hook_effects.heldout_windows(None, 0, 8)
     with pytest.raises(ValueError, match="too few"):
         hook_effects.heldout_windows(None, 2, total)

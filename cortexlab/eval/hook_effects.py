@@ -129,8 +129,7 @@ def heldout_windows(tokenizer, windows: int, window_tokens: int) -> tuple[torch.
     """
     from cortexlab.data.corpus import stdlib_modules
 
-    if not isinstance(windows, int) or isinstance(windows, bool) or windows < 1:
-        raise ValueError(f"windows must be an int >= 1, got {windows!r}")   # tests match this wording
+    check_int("windows", windows)
     check_int("window_tokens", window_tokens, 2)
     ids: list[int] = []
     starts: list[tuple[int, str]] = []
