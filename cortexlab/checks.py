@@ -6,16 +6,16 @@ meant as a count, a size or a rate).
 from __future__ import annotations
 
 import math
-import numbers
 
 __all__ = ["check_int", "check_number"]
 
 
 def check_int(name: str, value, minimum: int = 1, *, allow_none: bool = False) -> None:
-    """`value` must be an int (not a bool) >= `minimum`; None also passes when `allow_none`."""
+    """`value` must be a Python int (not a bool) >= `minimum`; None also passes when `allow_none`. NumPy integers
+    are refused: configs holding them could not be written as JSON."""
     if value is None and allow_none:
         return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         need = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {need}{' or None' if allow_none else ''}, got {value!r}")
 
@@ -26,13 +26,13 @@ def _bound(x: float) -> str:
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
                  low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> None:
-    """`value` must be a real number (not a bool) in the interval from `low` to `high`.
+    """`value` must be an int or float (not a bool) in the interval from `low` to `high`.
 
     The ends are closed unless `low_open` / `high_open`. The value must be finite, except that +inf
     passes when `allow_inf` (and `high` is inf and closed). A positive number:
     `check_number(name, value, 0, low_open=True)`.
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)   # JSON-writable numbers only
     ok = ok and (math.isfinite(value) or (allow_inf and value == math.inf))
     ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not ok:

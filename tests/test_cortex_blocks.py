@@ -1,4 +1,6 @@
 """The sidecar's layers: decode = parallel, split calls = one call, v1 = v2, padding, ghost, errors."""
+import json
+
 import pytest
 import torch
 from conftest import trained_block as _trained_block
@@ -106,6 +108,17 @@ def test_config_json_round_trip_and_layer_range():
     assert cfg.layers == [1, 3]
     with pytest.raises(ValueError, match="out of range"):
         cfg.layer_indices(2)
+
+
+def test_a_config_saved_before_window_norm_loads_without_it():
+    """Adapters saved before the hybrid's window norm existed were trained without one: they load that way, and the
+    block has no window-norm weights to miss."""
+    saved = json.loads(CortexWrapConfig().to_json())
+    del saved["window_norm"]
+    old = CortexWrapConfig.from_json(json.dumps(saved))
+    assert old.window_norm is False and CortexWrapConfig().window_norm is True
+    assert HybridCortexBlock(64, old).window_norm is None
+    assert HybridCortexBlock(64, CortexWrapConfig()).window_norm is not None
 
 
 def test_bad_block_inputs_name_the_problem():

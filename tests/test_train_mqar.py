@@ -1,5 +1,6 @@
 """cortexlab.train.mqar: causal mixers, state sizes, a learned recall effect and the grid recipe's JSON."""
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -196,3 +197,19 @@ def test_patience_stops_a_run_that_plateaus(one_thread):
     assert train_mqar(replace(TINY, steps=5, eval_every=5), progress=False)["stopped"] == "steps"
     with pytest.raises(ValueError, match="patience"):
         replace(TINY, patience=0)
+
+
+def test_a_grid_worker_exits_when_its_parent_is_gone():
+    """`--jobs` workers watch the process that started them: a killed grid leaves no run training."""
+    import subprocess
+    import sys
+
+    code = ("import os, time; from cortexlab.train.mqar import _start_worker; "
+            "_start_worker(1, int(os.environ['PARENT'])); time.sleep(20)")
+    orphan = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PARENT": "1"}, timeout=60)
+    assert orphan.returncode == 1                     # its "parent" (pid 1 here) is not its parent: it exits
+
+
+def test_a_plateau_on_the_last_evaluation_counts_as_running_out_of_steps(one_thread):
+    cfg = replace(TINY, mixer="sliding_window", window_size=2, steps=30, eval_every=10, patience=3, min_delta=0.2)
+    assert train_mqar(cfg, progress=False)["stopped"] == "steps"

@@ -91,6 +91,7 @@ class CortexWrapConfig:
     @classmethod
     def from_json(cls, text: str) -> CortexWrapConfig:
         data = json.loads(text)
+        data.setdefault("window_norm", False)   # saved before the option existed: trained without a window norm
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown CortexWrapConfig fields in JSON: {sorted(unknown)}")

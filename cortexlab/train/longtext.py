@@ -69,6 +69,7 @@ class LongTextConfig:
     controller: bool = True
     use_hybrid: bool = True
     window_size: int = 128
+    window_norm: bool = True
 
     def __post_init__(self):
         for name in ("segment_tokens", "train_segments", "eval_segments", "eval_docs", "steps", "batch_size"):
@@ -76,12 +77,13 @@ class LongTextConfig:
         check_int("warmup_steps", self.warmup_steps, 0)
         check_number("lr", self.lr, 0, low_open=True)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        check_number("grad_clip", self.grad_clip, 0)
+        check_number("grad_clip", self.grad_clip, 0, allow_inf=True)   # inf: no clipping
         self.cortex_config()   # an invalid sidecar setting fails here
 
     def cortex_config(self) -> CortexWrapConfig:
         return CortexWrapConfig(layers=list(self.layers), rank_fast=self.rank_fast, num_heads=self.num_heads,
-                                controller=self.controller, use_hybrid=self.use_hybrid, window_size=self.window_size)
+                                controller=self.controller, use_hybrid=self.use_hybrid, window_size=self.window_size,
+                                window_norm=self.window_norm)
 
 
 def _check_ids(ids: torch.Tensor, segment_tokens: int) -> int:
@@ -266,6 +268,8 @@ def add_cli(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
+    p.add_argument("--no-window-norm", action="store_true",
+                   help="the hybrid block without its window norm (as the committed E3 sidecar was trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_cli)
@@ -276,7 +280,8 @@ def run_cli(args, command: str) -> dict:
 
     cfg = LongTextConfig(segment_tokens=args.segment_tokens, train_segments=args.train_segments,
                          eval_segments=args.eval_segments, eval_docs=args.eval_docs, steps=args.steps,
-                         batch_size=args.batch_size, seed=args.seed, lr=args.lr, layers=args.layers)
+                         batch_size=args.batch_size, seed=args.seed, lr=args.lr, layers=args.layers,
+                         window_norm=not args.no_window_norm)
     result = train_longtext(cfg, progress=not args.no_progress)
     model = result.pop("model")
     result.update(command=command, git=git_revision(), environment=environment())

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -241,7 +243,7 @@ class MQARTrainConfig:
         check_number("lr", self.lr, 0, low_open=True)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_number("weight_decay", self.weight_decay, 0)
-        check_number("grad_clip", self.grad_clip, 0)
+        check_number("grad_clip", self.grad_clip, 0, allow_inf=True)   # inf: no clipping
         if self.stop_accuracy is not None:
             check_number("stop_accuracy", self.stop_accuracy, 0, 1, low_open=True)
         check_int("patience", self.patience, allow_none=True)
@@ -314,10 +316,10 @@ def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None,
                 stopped = "target"
                 break
             best, stale = (accuracy, 0) if accuracy >= best + cfg.min_delta else (best, stale + 1)
-            if cfg.patience is not None and stale >= cfg.patience and step + 1 >= cfg.min_steps:
+            if cfg.patience is not None and stale >= cfg.patience and cfg.min_steps <= step + 1 < cfg.steps:
                 stopped = "plateau"
                 break
-    bar.close()   # the loop ends right after an evaluation (the last step's, or the one that reached stop_accuracy)
+    bar.close()   # the loop ends right after an evaluation (the last step's, or the one that stopped the run)
     model_cfg = unwrapped.config
     return {"config": jsonable(asdict(cfg)), "model_config": jsonable(asdict(model_cfg)),
             "accuracy": round(final["accuracy"], 5), "sequence_accuracy": round(final["sequence_accuracy"], 5),
@@ -352,7 +354,8 @@ def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), pr
 
     jobs > 1 trains that many configs at a time in worker processes with `threads` torch threads each (on a CPU,
     two 1-thread runs side by side finish sooner than one 2-thread run after another); `threads` applies to the
-    workers only. A run's result does not depend on `jobs`: each is seeded by its own config.
+    workers only. A run's numbers do not depend on `jobs` (each is seeded by its own config); its train_seconds
+    do. If a run fails, the queued ones are cancelled and the error is raised; the finished ones were saved.
     """
     from tqdm.auto import tqdm
 
@@ -380,11 +383,28 @@ def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), pr
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                                 initializer=_start_worker, initargs=(threads, os.getpid())) as pool:
             futures = [pool.submit(_train_without_model, cfg) for cfg in todo]
-            for future in tqdm(as_completed(futures), total=len(futures), desc="mqar grid", disable=not progress):
-                record(future.result())
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc="mqar grid", disable=not progress):
+                    record(future.result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)   # a failed run drops the queued ones, not the saved
+                raise
     return [finished[key] for key in keys]
+
+
+def _start_worker(threads: int, parent: int) -> None:
+    """A grid worker: `threads` torch threads, and it exits as soon as the process that started it is gone (a
+    killed grid must not leave its runs training)."""
+    torch.set_num_threads(threads)
+
+    def watch_parent():
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
 
 
 def _train_without_model(cfg: MQARTrainConfig) -> dict:
