@@ -52,7 +52,8 @@ def test_experiment_changes_the_figure_numbers_and_command(results):
     (results / EXPERIMENTS[E1]).write_text(json.dumps(mqar_results()))
     app.experiment = E1
     assert app.figure_pane.visible and app.figure_pane.object.layout.title.text.startswith("E1")
-    assert "partial grid" in app.summary.object and "| gdn | d=64 H=2 | 0.990 | 0.990 |" in app.summary.object
+    assert "partial grid" in app.summary.object and "| L=64, 16 pairs | L=128, 16 pairs |" in app.summary.object
+    assert "| gdn | d=64 H=2 | 0.990 | 0.990 | 0.990 |" in app.summary.object
     assert not app.extra_pane.visible and not app.run_button.disabled
 
 

@@ -128,14 +128,13 @@ class InverseScalingApp(pn.viewable.Viewer):
     def _numbers(self, r: dict) -> str:
         """The key numbers of a results file, as Markdown."""
         if self.experiment == E1:
-            rows, grid = viz.mqar_rows(r["runs"]), r["grid"]
-            longest, most = max(grid["seq_lens"]), max(grid["pairs"])
+            rows = viz.mqar_rows(r["runs"])
+            settings = list(dict.fromkeys((row["seq_len"], row["pairs"]) for row in rows))   # in grid order
             acc = {(row["mixer"], row["size"], row["seq_len"], row["pairs"]): row["accuracy"] for row in rows}
-            lines = [f"| mixer | size | accuracy at length {longest} ({grid['fixed_pairs']} pairs) | accuracy at "
-                     f"{most} pairs (length {grid['fixed_len']}) |", "|---|---|---|---|"]
+            lines = ["| mixer | size | " + " | ".join(f"L={L}, {P} pairs" for L, P in settings) + " |",
+                     "|---|---|" + "---|" * len(settings)]
             for mixer, size in dict.fromkeys((row["mixer"], row["size"]) for row in rows):
-                cells = (acc.get((mixer, size, longest, grid["fixed_pairs"])),
-                         acc.get((mixer, size, grid["fixed_len"], most)))
+                cells = [acc.get((mixer, size, L, P)) for L, P in settings]
                 lines.append(f"| {mixer} | {size} | "
                              + " | ".join("not run yet" if a is None else f"{a:.3f}" for a in cells) + " |")
             state = "complete grid" if r.get("complete") else "partial grid (the run is still going or was cut short)"
