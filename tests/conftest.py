@@ -10,7 +10,7 @@ def rrmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def make_inputs(B=2, T=65, H=3, Dk=16, Dv=8, *, decay=1.0, dtype=torch.float32, seed=0,
-                initial_state=True, requires_grad=True):
+                initial_state=True, requires_grad=True, device="cpu"):
     """Random gated-delta inputs: L2-normalised keys, g = -decay * softplus(noise), beta in (0, 1).
 
     `decay` scales the log gate from weak (0.01) to strong (10); decay=0 gives g == 0 exactly.
@@ -22,7 +22,7 @@ def make_inputs(B=2, T=65, H=3, Dk=16, Dv=8, *, decay=1.0, dtype=torch.float32, 
     g = -decay * F.softplus(torch.randn(B, T, H, generator=gen) - 2.0)
     beta = torch.rand(B, T, H, generator=gen)
     h0 = torch.randn(B, H, Dk, Dv, generator=gen) if initial_state else None
-    tensors = [x.to(dtype) if x is not None else None for x in (q, k, v, g, beta, h0)]
+    tensors = [x.to(dtype=dtype, device=device) if x is not None else None for x in (q, k, v, g, beta, h0)]
     if requires_grad:
         for x in tensors:
             if x is not None:

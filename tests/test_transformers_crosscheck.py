@@ -1,4 +1,10 @@
-"""Cross-check against an implementation written elsewhere: transformers' Qwen3-Next torch paths."""
+"""Cross-check against an implementation written elsewhere: transformers' Qwen3-Next torch paths.
+
+transformers puts fla's kernels in their place when flash-linear-attention is installed;
+`inspect.unwrap` reaches its own torch code, which is what is checked here.
+"""
+import inspect
+
 import pytest
 
 from cortexlab.ops import gated_delta_rule
@@ -15,7 +21,8 @@ def test_matches_transformers(T, with_state, backend):
                                        requires_grad=False, seed=T)
     ours_o, ours_s = gated_delta_rule(q * 3, k * 2, v, g, beta, initial_state=h0, output_final_state=True,
                                       use_qk_l2norm=True, backend=backend)
-    for theirs in (qwen3_next.torch_chunk_gated_delta_rule, qwen3_next.torch_recurrent_gated_delta_rule):
+    for theirs in map(inspect.unwrap, (qwen3_next.torch_chunk_gated_delta_rule,
+                                       qwen3_next.torch_recurrent_gated_delta_rule)):
         their_o, their_s = theirs(q * 3, k * 2, v, g, beta, initial_state=h0, output_final_state=True,
                                   use_qk_l2norm_in_kernel=True)
         assert rrmse(ours_o, their_o) <= 1e-5, theirs.__name__

@@ -245,10 +245,15 @@ def gated_delta_fn(name: str, *, chunk_size: int = 64) -> Callable[..., torch.Te
 
         return fn
     if name == "transformers":
+        import inspect
+
         from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
+        # transformers swaps fla's kernel in under this name when fla is installed; the peer is its torch path
+        torch_path = inspect.unwrap(torch_chunk_gated_delta_rule)
+
         def fn(q, k, v, g, beta):
-            return torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size)[0]
+            return torch_path(q, k, v, g, beta, chunk_size=chunk_size)[0]
 
         return fn
     if name == "fla":
