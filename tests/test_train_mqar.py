@@ -164,9 +164,15 @@ def test_quick_recipe_writes_and_resumes(tmp_path, one_thread, monkeypatch):
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and r["steps"] >= 1 and r["state_size"] > 0 and r["chance"] == 1 / 32
     # --resume keeps every finished run: nothing is trained again
+    real_train_mqar = train_mqar_module.train_mqar
     monkeypatch.setattr(train_mqar_module, "train_mqar", lambda *a, **k: pytest.fail("retrained a finished run"))
     main(["mqar", "--quick", "--out", str(out), "--no-progress", "--resume"])
     assert json.loads(out.read_text())["runs"] == runs
+    # ... unless the model's architecture changed since: a run of an older revision is trained again
+    monkeypatch.setattr(train_mqar_module, "train_mqar", real_train_mqar)
+    monkeypatch.setattr(train_mqar_module, "MODEL_REVISION", train_mqar_module.MODEL_REVISION + 1)
+    main(["mqar", "--quick", "--out", str(out), "--no-progress", "--resume"])
+    assert {r["model_revision"] for r in json.loads(out.read_text())["runs"]} == {train_mqar_module.MODEL_REVISION}
     with pytest.raises(ValueError, match="--mixers"):
         main(["mqar", "--quick", "--out", str(out), "--mixers", "gdn,lstm"])
     with pytest.raises(SystemExit):

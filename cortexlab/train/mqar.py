@@ -58,6 +58,10 @@ __all__ = ["MIXERS", "MQARModel", "MQARModelConfig", "MQARTrainConfig", "evaluat
 
 MIXERS = ("attention", "sliding_window", "gdn", "hybrid")
 CONV_SIZE = CortexWrapConfig().conv_size   # the short conv every mixer shares with the sidecar
+# The mixers' architecture as a number: bump it whenever a code change alters what a config trains (as the q/k/v
+# short conv and the hybrid's window norm did), so that --resume trains again what an older revision produced.
+# Results saved without it are revision 1.
+MODEL_REVISION = 1
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,7 @@ def train_mqar(cfg: MQARTrainConfig, *, progress: bool = True, accelerator=None,
             "accuracy": round(final["accuracy"], 5), "sequence_accuracy": round(final["sequence_accuracy"], 5),
             "test_answers": final["answers"], "untrained_accuracy": round(untrained, 5),
             "chance": chance_accuracy(task), "steps": step + 1, "stopped": stopped, "evals": evals,
+            "model_revision": MODEL_REVISION,
             "state_size": model_cfg.state_size(task.seq_len),
             "parameters": sum(p.numel() for p in unwrapped.parameters()),
             "train_seconds": round(train_seconds, 1), "model": unwrapped}
@@ -348,9 +353,9 @@ def mqar_grid(*, mixers=MIXERS, seq_lens=(64, 128, 256, 512), fixed_pairs: int =
 
 def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), progress: bool = True,
                     on_run=None, jobs: int = 1, threads: int = 1) -> list[dict]:
-    """Train every config (skipping those whose result is in `done`, matched by config); returns the results,
-    without their models, in the order of `configs`. `on_run(results so far)` is called after every run (e.g. to
-    save progress), with the finished results in the order of `configs`.
+    """Train every config (skipping those whose result is in `done`, matched by config and MODEL_REVISION);
+    returns the results, without their models, in the order of `configs`. `on_run(results so far)` is called
+    after every run (e.g. to save progress), with the finished results in the order of `configs`.
 
     jobs > 1 trains that many configs at a time in worker processes with `threads` torch threads each (on a CPU,
     two 1-thread runs side by side finish sooner than one 2-thread run after another); `threads` applies to the
@@ -361,12 +366,12 @@ def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), pr
 
     check_int("jobs", jobs)
     check_int("threads", threads)
-    keys = [_key(jsonable(asdict(cfg))) for cfg in configs]
-    finished = {_key(r["config"]): r for r in done}
+    keys = [_key(jsonable(asdict(cfg)), MODEL_REVISION) for cfg in configs]
+    finished = {_key(r["config"], r.get("model_revision", 1)): r for r in done}
     todo = [cfg for cfg, key in zip(configs, keys) if key not in finished]
 
     def record(result):
-        finished[_key(result["config"])] = result
+        finished[_key(result["config"], result["model_revision"])] = result
         if on_run is not None:
             on_run([finished[key] for key in keys if key in finished])
 
@@ -375,9 +380,7 @@ def train_mqar_grid(configs: list[MQARTrainConfig], *, done: list[dict] = (), pr
 
         accelerator = Accelerator()
         for cfg in tqdm(todo, desc="mqar grid", disable=not progress):
-            result = train_mqar(cfg, progress=progress, accelerator=accelerator)
-            result.pop("model")
-            record(result)
+            record(_train_without_model(cfg, progress=progress, accelerator=accelerator))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -407,15 +410,15 @@ def _start_worker(threads: int, parent: int) -> None:
     threading.Thread(target=watch_parent, daemon=True).start()
 
 
-def _train_without_model(cfg: MQARTrainConfig) -> dict:
-    """One run in a worker process (no progress bars: they would interleave)."""
-    result = train_mqar(cfg, progress=False)
+def _train_without_model(cfg: MQARTrainConfig, progress: bool = False, accelerator=None) -> dict:
+    """One grid run, its model dropped (in a worker process without progress bars: they would interleave)."""
+    result = train_mqar(cfg, progress=progress, accelerator=accelerator)
     result.pop("model")
     return result
 
 
-def _key(config: dict) -> str:
-    return json.dumps(config, sort_keys=True)
+def _key(config: dict, revision: int) -> str:
+    return json.dumps({"config": config, "model_revision": revision}, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------
