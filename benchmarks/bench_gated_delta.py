@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 
 from cortexlab.eval.speed import (
+    accuracy_vs_reference,
     environment_info,
     forward_backward_call,
     forward_call,
+    fp32_reference,
     gated_delta_fn,
     gated_delta_inputs,
     peak_memory,
-    relative_rmse,
     time_calls,
 )
 
@@ -229,16 +230,6 @@ def lift_fla_hopper_guard() -> str:
             "gradients); the guard was lifted to time it; see its gradient error in 'accuracy'")
 
 
-def accuracy_vs_fp32(fn, inputs, grad_out, reference) -> dict:
-    """Relative RMSE of fn's output and of each input gradient against `reference` (fp32 chunk)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o = fn(*leaves)
-    grads = torch.autograd.grad(o, leaves, grad_out.to(o.dtype))
-    ref_o, ref_grads = reference
-    return {"out": relative_rmse(o, ref_o),
-            **{f"d{name}": relative_rmse(g, r) for name, g, r in zip(("q", "k", "v", "g", "beta"), grads, ref_grads)}}
-
-
 def gpu_suite(plan: dict, log) -> dict:
     if not torch.cuda.is_available():
         msg = "no GPU available: GPU benchmark skipped (pending)"
@@ -255,23 +246,19 @@ def gpu_suite(plan: dict, log) -> dict:
         errors["fla"] = f"not importable: {exc!r}"
     device = "cuda"
     inputs = gated_delta_inputs(**cfg, dtype=torch.bfloat16, device=device)
-    grad_out = torch.randn(inputs.v.shape, generator=torch.Generator().manual_seed(1)).to(device)
     log(f"\n[gpu bf16] {torch.cuda.get_device_name(0)}, B={cfg['B']} T={cfg['T']} H={cfg['H']} D={cfg['D']}: "
         "accuracy against the chunk backend in fp32 on the same inputs ...")
-    ref_leaves = [x.float().requires_grad_(True) for x in inputs]
-    ref_o = gated_delta_fn("chunk")(*ref_leaves)
-    reference = (ref_o.detach(), torch.autograd.grad(ref_o, ref_leaves, grad_out))
-    del ref_leaves, ref_o
+    grad_out, reference = fp32_reference(inputs)
     usable, accuracy = [], {}
     for name in impls:
         try:
             try:
-                accuracy[name] = accuracy_vs_fp32(gated_delta_fn(name), inputs, grad_out, reference)
+                accuracy[name] = accuracy_vs_reference(gated_delta_fn(name), inputs, grad_out, reference)
             except RuntimeError as exc:
                 if name != "fla" or "3.7.1" not in str(exc):
                     raise
                 notes["fla"] = lift_fla_hopper_guard()
-                accuracy[name] = accuracy_vs_fp32(gated_delta_fn(name), inputs, grad_out, reference)
+                accuracy[name] = accuracy_vs_reference(gated_delta_fn(name), inputs, grad_out, reference)
             usable.append(name)
             log(f"[gpu] {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in accuracy[name].items()))
         except Exception as exc:

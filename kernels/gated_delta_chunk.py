@@ -28,7 +28,7 @@ Conventions shared by all kernels:
   over the padded length Tp = N*C: gamma [BH, Tp], T [BH, N, C, C], U/W/dW [BH, Tp, D_v],
   Wk [BH, Tp, D_k], hs/dhs [BH, N, D_k, D_v].
 - Everything is computed in fp32 and every tl.dot uses `PREC`: "ieee" (full fp32 products)
-  for fp32 inputs, "tf32" for bf16/fp16 inputs (`triton_backend._dot_precision`).
+  or "tf32", chosen from the input dtypes by `triton_backend._dot_precision`.
 - Exponentials only ever see gamma_i - gamma_j with j <= i (masked to 0 *before* exp)
   or gamma_C - gamma_j, both <= 0 because g <= 0, so nothing overflows.
 """

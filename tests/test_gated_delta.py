@@ -173,5 +173,6 @@ def test_auto_backend_picks_the_faster_path_measured_on_a_gpu():
     assert resolve_backend("auto", cuda, TRITON_MAX_FP32_HEAD_DIM) == "triton"
     assert resolve_backend("auto", cuda, 128) == "chunk"
     assert resolve_backend("auto", cuda, 128, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", cuda, 128, torch.float64) == "chunk"
     assert resolve_backend("auto", cpu, 32, torch.bfloat16) == "chunk"
     assert resolve_backend("triton", cuda, 128) == "triton"      # an explicit choice is kept

@@ -146,3 +146,19 @@ def test_relative_rmse():
     x = torch.ones(10)
     assert speed.relative_rmse(x, x) == 0.0
     assert speed.relative_rmse(1.1 * x, x) == pytest.approx(0.1)
+
+
+def test_accuracy_vs_an_fp32_reference():
+    from cortexlab.eval.speed import accuracy_vs_reference, fp32_reference, gated_delta_fn, gated_delta_inputs
+
+    inputs = gated_delta_inputs(1, 40, 2, 16, seed=3)
+    grad_out, reference = fp32_reference(inputs)
+    same = accuracy_vs_reference(gated_delta_fn("chunk"), inputs, grad_out, reference)
+    assert set(same) == {"out", "dq", "dk", "dv", "dg", "dbeta"} and max(same.values()) < 1e-6
+    other = accuracy_vs_reference(gated_delta_fn("recurrent"), inputs, grad_out, reference)
+    assert max(other.values()) < 1e-5          # another backend, the same numbers
+    half = [x.bfloat16() for x in inputs]
+    grad_half, reference_half = fp32_reference(half)
+    assert torch.equal(grad_half, grad_half.bfloat16().float())   # the output gradient is bf16-exact
+    rounded = accuracy_vs_reference(gated_delta_fn("chunk"), half, grad_half, reference_half)
+    assert 1e-4 < rounded["out"] < 1e-2        # bf16 output rounding, nothing more

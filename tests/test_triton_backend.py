@@ -116,7 +116,7 @@ def test_bf16_at_benchmark_head_dim_on_cuda():
 
 @interpreted
 def test_padded_head_dims_and_split_value_blocks():
-    # D_k = 20 pads to 32; D_v = 72 pads to 128 and is split over two 64-column programs
+    # D_k = 20 pads to 32; D_v = 72 pads to 128 and is split over three 32-column programs
     _compare(33, 16, 1.0, True, B=1, H=1, Dk=20, Dv=72)
 
 
@@ -253,3 +253,19 @@ def test_launch_reports_a_kernel_that_never_fits(monkeypatch):
     monkeypatch.setattr(triton_backend, "_depth_that_fits", {})
     with pytest.raises(OutOfResources):
         triton_backend._launch(KernelTooLarge(), (1,), num_warps=4)
+
+
+def test_dot_precision_follows_the_input_dtype_and_torch_setting():
+    from cortexlab.ops.triton_backend import _dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _dot_precision(torch.float32) == _dot_precision(torch.float64) == "ieee"
+        assert _dot_precision(torch.bfloat16) == _dot_precision(torch.float16, torch.bfloat16) == "tf32"
+        assert _dot_precision(torch.bfloat16, torch.float32) == "ieee"   # one fp32 input keeps full precision
+        torch.set_float32_matmul_precision("high")      # the user allowed tf32 for fp32 products
+        assert _dot_precision(torch.float32) == _dot_precision(torch.bfloat16, torch.float32) == "tf32"
+        assert _dot_precision(torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -272,6 +272,31 @@ def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+GRAD_NAMES = ("q", "k", "v", "g", "beta")
+
+
+def fp32_reference(inputs: Sequence[torch.Tensor], seed: int = 1) -> tuple[torch.Tensor, tuple]:
+    """An output gradient and the torch "chunk" backend's fp32 answer on `inputs` (any dtype):
+    (grad_out, (o, input gradients)). grad_out is drawn with `seed` and rounded to the inputs' dtype
+    (returned in fp32), so the reference and a low-precision run see the same output gradient."""
+    v = inputs[2]
+    grad_out = torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)).to(v.device, v.dtype).float()
+    leaves = [x.detach().float().requires_grad_(True) for x in inputs]
+    o = gated_delta_fn("chunk")(*leaves)
+    return grad_out, (o.detach(), torch.autograd.grad(o, leaves, grad_out))
+
+
+def accuracy_vs_reference(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor,
+                          reference: tuple) -> dict:
+    """Relative RMSE of fn's output ("out") and of each input gradient ("dq", ..., "dbeta") against
+    `reference` from `fp32_reference`."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o = fn(*leaves)
+    grads = torch.autograd.grad(o, leaves, grad_out.to(o.dtype))
+    return {"out": relative_rmse(o, reference[0]),
+            **{f"d{name}": relative_rmse(g, r) for name, g, r in zip(GRAD_NAMES, grads, reference[1])}}
+
+
 def backend_agreement(backend: str, T: int, *, reference: str = "recurrent", B: int = 1, H: int = 2, D: int = 16,
                       chunk_size: int = 64, initial_state: bool = True, dtype: torch.dtype = torch.float32,
                       seed: int = 0) -> dict:

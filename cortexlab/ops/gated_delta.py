@@ -75,12 +75,15 @@ TRITON_MAX_FP32_HEAD_DIM = 64   # fp32 inputs above it: the torch chunked path's
 
 
 def resolve_backend(backend: str, device: torch.device, head_dim: int = 0, dtype: torch.dtype = torch.float32) -> str:
-    """"auto" means the Triton kernels on CUDA and the torch chunked path otherwise, except for fp32 inputs with a
-    head dim above TRITON_MAX_FP32_HEAD_DIM, which also go to the chunked path (on an H200 at T=8192 H=16 D=128,
-    fp32 products: Triton forward 14.0 ms vs 20.9 ms, forward+backward 50.4 ms vs 33.8 ms; with the tf32 products
-    used for bf16/fp16 inputs Triton is faster in both, 1.4 ms and 20.9 ms)."""
+    """"auto" means the Triton kernels on CUDA and the torch chunked path otherwise, except that inputs wider than
+    bf16/fp16 (`dtype`: the promoted dtype of q, k, v) with a head dim above TRITON_MAX_FP32_HEAD_DIM also go to
+    the chunked path. Measured on an H200 at T=8192 H=16 D=128, with bf16 inputs and full fp32 products (what fp32
+    inputs get): Triton forward 14.0 ms vs 20.9 ms, forward+backward 50.4 ms vs 33.8 ms; with the tf32 products of
+    bf16/fp16 inputs Triton is faster in both, 1.4 ms and 20.9 ms. Head dims up to 64 were not timed against the
+    torch path; they stay on Triton as before."""
     if backend == "auto":
-        on_triton = device.type == "cuda" and (dtype != torch.float32 or head_dim <= TRITON_MAX_FP32_HEAD_DIM)
+        half = dtype in (torch.float16, torch.bfloat16)
+        on_triton = device.type == "cuda" and (half or head_dim <= TRITON_MAX_FP32_HEAD_DIM)
         return "triton" if on_triton else "chunk"
     return backend
 
@@ -126,7 +129,8 @@ def gated_delta_rule(
     if use_qk_l2norm:
         q = F.normalize(q.float(), dim=-1, eps=1e-6).to(q.dtype)
         k = F.normalize(k.float(), dim=-1, eps=1e-6).to(k.dtype)
-    backend = resolve_backend(backend, q.device, max(k.shape[-1], v.shape[-1]), v.dtype)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    backend = resolve_backend(backend, q.device, max(k.shape[-1], v.shape[-1]), dtype)
     if backend == "recurrent":
         o, state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
         o = o.to(v.dtype)

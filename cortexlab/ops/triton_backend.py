@@ -5,7 +5,8 @@
 sequential state pass, the output), the backward two (the reverse state pass, the
 per-chunk gradient terms). The math is that of `cortexlab.ops.chunk`; every intermediate
 and the state are fp32 whatever the input dtype, and matrix products run at full fp32
-precision for fp32 inputs and in tf32 for bf16/fp16 inputs (`_dot_precision`).
+precision for fp32 inputs and in tf32 for bf16/fp16 inputs, or for fp32 inputs too once
+torch.set_float32_matmul_precision allows tf32 (`_dot_precision`).
 
 On a GPU each launch takes the deepest software pipeline that fits in shared memory
 (`_launch`), and a key dim above 64 caps the chunk at 32 tokens (`_chunk_length`).
@@ -37,19 +38,26 @@ def _block(d: int) -> int:
     return max(16, _next_pow2(d))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """Precision of every tl.dot: "ieee" (full fp32 products) for fp32 inputs, "tf32" for
-    bf16/fp16 inputs, whose own rounding is already as coarse (tf32 keeps 10 mantissa bits;
-    on an H200 at bf16 B=1 T=8192 H=16 D=128 it made the forward 6x and forward+backward 2.2x
-    faster, the output's error vs an fp32 reference going from 1.7e-3 to 2.0e-3)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _dot_precision(*dtypes: torch.dtype) -> str:
+    """Precision of every tl.dot for inputs of these dtypes: "tf32" when all are bf16/fp16, whose
+    own rounding is already as coarse (tf32 keeps 10 mantissa bits; on an H200 at bf16 B=1
+    T=8192 H=16 D=128 it made the forward about 7x and forward+backward 2.2x faster, the output's
+    error vs an fp32 reference going from 1.7e-3 to 2.0e-3); also when fp32 inputs are among them
+    and the user allowed tf32 for fp32 matrix products (torch.set_float32_matmul_precision("high")
+    or "medium"). Otherwise (fp32 by default, fp64) "ieee", full fp32 products."""
+    tf32_ok = HALF_DTYPES + ((torch.float32,) if torch.get_float32_matmul_precision() != "highest" else ())
+    return "tf32" if all(d in tf32_ok for d in dtypes) else "ieee"
 
 
 def _chunk_length(chunk_size: int, T: int, BK: int) -> int:
     """The chunk C the kernels use: `chunk_size`, but no longer than the padded sequence (a short
     sequence gets a smaller chunk) and at most `_MAX_CHUNK_WIDE_KEYS` when the padded key dim BK
-    exceeds 64 (the backward holds six [C, BK] fp32 tiles per program; at C = 64, BK = 128 they
-    overflow the registers and the compiled kernel spills)."""
+    exceeds 64 (the backward holds six [C, BK] fp32 tiles per program, 48K numbers at C = 64,
+    BK = 128: more than 256 threads' registers; on an H200 that variant did not finish compiling and
+    running within a probe's window, so the likely cause, spilling, is not yet confirmed)."""
     C = min(chunk_size, _block(T))
     return min(C, _MAX_CHUNK_WIDE_KEYS) if BK > 64 else C
 
@@ -159,7 +167,7 @@ class TritonGatedDeltaRule(torch.autograd.Function):
         N = -(-T // C)
         Tp = N * C
         BV = min(BVF, _MAX_BV)
-        prec = _dot_precision(v.dtype)
+        prec = _dot_precision(q.dtype, k.dtype, v.dtype)
         NV = -(-Dv // BV)
         BH = B * H
         f32 = dict(dtype=torch.float32, device=q.device)
