@@ -173,6 +173,13 @@ def test_quick_recipe_writes_and_resumes(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(train_mqar_module, "MODEL_REVISION", train_mqar_module.MODEL_REVISION + 1)
     main(["mqar", "--quick", "--out", str(out), "--no-progress", "--resume"])
     assert {r["model_revision"] for r in json.loads(out.read_text())["runs"]} == {train_mqar_module.MODEL_REVISION}
+    # a subset of the grid with --resume keeps the other settings' runs
+    runs = json.loads(out.read_text())["runs"]
+    monkeypatch.setattr(train_mqar_module, "train_mqar", lambda *a, **k: pytest.fail("retrained a finished run"))
+    main(["mqar", "--quick", "--out", str(out), "--no-progress", "--resume", "--mixers", "gdn"])
+    kept = json.loads(out.read_text())["runs"]
+    assert [r["config"]["mixer"] for r in kept[:2]] == ["gdn", "gdn"]
+    assert sorted(map(json.dumps, kept)) == sorted(map(json.dumps, runs))
     with pytest.raises(ValueError, match="--mixers"):
         main(["mqar", "--quick", "--out", str(out), "--mixers", "gdn,lstm"])
     with pytest.raises(SystemExit):

@@ -466,7 +466,9 @@ def add_cli(sub) -> None:
                         "--min-delta (0: never)")
     p.add_argument("--min-delta", type=float, default=d.min_delta)
     p.add_argument("--min-steps", type=int, default=d.min_steps, help="no plateau stop before this many steps")
-    p.add_argument("--resume", action="store_true", help="keep the finished runs of --out whose config matches")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs of --out whose config matches (and, after this grid's, those of "
+                        "settings outside it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per run with --jobs)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process")
     p.add_argument("--no-progress", action="store_true")
@@ -494,6 +496,9 @@ def run_cli(args, command: str) -> dict:
     configs = mqar_grid(mixers=mixers, base=base, **sweep)
     out = Path(args.out)
     done = json.loads(out.read_text())["runs"] if args.resume and out.is_file() else []
+    # runs of --out for settings outside this grid (another --mixers or --sizes, say) are kept, after the grid's
+    grid = {json.dumps(jsonable(asdict(cfg)), sort_keys=True) for cfg in configs}
+    others = [r for r in done if json.dumps(r["config"], sort_keys=True) not in grid]
     header = {"experiment": "E1 multi-query associative recall (Zoology MQAR), 2-layer models from scratch",
               "metric": "accuracy of the argmax at the answer positions of held-out sequences",
               "baselines": "chance = 1 / number of values; untrained_accuracy = the same model before training",
@@ -503,8 +508,9 @@ def run_cli(args, command: str) -> dict:
               "grid": {**jsonable(sweep), "mixers": mixers, "base": jsonable(asdict(base))}}
     results = train_mqar_grid(configs, done=done, progress=not args.no_progress, jobs=args.jobs,
                               threads=args.threads or 1,
-                              on_run=lambda runs: write_json_atomic(out, {**header, "complete": False, "runs": runs}))
-    write_json_atomic(out, {**header, "complete": True, "runs": results})
+                              on_run=lambda runs: write_json_atomic(out, {**header, "complete": False,
+                                                                          "runs": runs + others}))
+    write_json_atomic(out, {**header, "complete": True, "runs": results + others})
     return {"out": str(out), "accuracy": [
         {"mixer": r["config"]["mixer"], "seq_len": r["config"]["task"]["seq_len"],
          "pairs": r["config"]["task"]["num_pairs"], "d_model": r["config"]["d_model"],
