@@ -249,30 +249,30 @@ def gpu_suite(plan: dict, log) -> dict:
     log(f"\n[gpu bf16] {torch.cuda.get_device_name(0)}, B={cfg['B']} T={cfg['T']} H={cfg['H']} D={cfg['D']}: "
         "accuracy against the chunk backend in fp32 on the same inputs ...")
     grad_out, reference = fp32_reference(inputs)
-    usable, accuracy = [], {}
+    fns, accuracy = {}, {}
     for name in impls:
+        fn = gated_delta_fn(name)
         try:
             try:
-                accuracy[name] = accuracy_vs_reference(gated_delta_fn(name), inputs, grad_out, reference)
+                accuracy[name] = accuracy_vs_reference(fn, inputs, grad_out, reference)
             except RuntimeError as exc:
                 if name != "fla" or "3.7.1" not in str(exc):
                     raise
                 notes["fla"] = lift_fla_hopper_guard()
-                accuracy[name] = accuracy_vs_reference(gated_delta_fn(name), inputs, grad_out, reference)
-            usable.append(name)
+                accuracy[name] = accuracy_vs_reference(fn, inputs, grad_out, reference)
+            fns[name] = fn
             log(f"[gpu] {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in accuracy[name].items()))
         except Exception as exc:
             errors[name] = repr(exc)[:500]
             log(f"[gpu] {name} failed: {exc!r}"[:300])
     del reference
-    fns = {n: gated_delta_fn(n) for n in usable}
     kw = dict(warmup=plan["warmup"], repeats=plan["repeats"], device=device)
-    log(f"[gpu bf16] timing {usable} ...")
+    log(f"[gpu bf16] timing {list(fns)} ...")
     fwd = time_calls({n: forward_call(f, inputs) for n, f in fns.items()}, **kw)
     fb_calls = {n: forward_backward_call(f, inputs, out_shape=inputs.v.shape) for n, f in fns.items()}
     fwdbwd = time_calls(fb_calls, **kw)
     rows = []
-    for n in usable:
+    for n in fns:
         rows.append({"impl": n, **cfg, "dtype": "bfloat16", "fwd_s": fwd[n].median_s, "fwdbwd_s": fwdbwd[n].median_s,
                      "fwd_times_s": fwd[n].times_s, "fwdbwd_times_s": fwdbwd[n].times_s,
                      "peak_fwd_bytes": peak_memory(forward_call(fns[n], inputs), device=device),

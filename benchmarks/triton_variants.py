@@ -18,25 +18,24 @@ import traceback
 
 import torch
 
-from cortexlab.eval.speed import accuracy_vs_reference, fp32_reference, gated_delta_fn, gated_delta_inputs
+from cortexlab.eval.speed import (
+    accuracy_vs_reference,
+    forward_backward_call,
+    forward_call,
+    fp32_reference,
+    gated_delta_fn,
+    gated_delta_inputs,
+)
 from cortexlab.ops import triton_backend
 
 
-def timed(fn, inputs, grad_out) -> dict:
+def timed(fn, inputs) -> dict:
     """Median milliseconds of the forward (no_grad) and of forward+backward, by triton.testing.do_bench."""
     import triton
 
-    def forward():
-        with torch.no_grad():
-            fn(*inputs)
-
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-
-    def forward_backward():
-        fn(*leaves).backward(grad_out.to(inputs[2].dtype))
-
-    return {"fwd_ms": triton.testing.do_bench(forward, warmup=10, rep=60),
-            "fwdbwd_ms": triton.testing.do_bench(forward_backward, warmup=10, rep=60)}
+    return {"fwd_ms": triton.testing.do_bench(forward_call(fn, inputs), warmup=10, rep=60),
+            "fwdbwd_ms": triton.testing.do_bench(forward_backward_call(fn, inputs, out_shape=inputs[2].shape),
+                                                 warmup=10, rep=60)}
 
 
 def main(argv=None) -> int:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
         triton_backend._MAX_BV, triton_backend._MAX_CHUNK_WIDE_KEYS = bv, cap
         try:
             fn = gated_delta_fn("triton", chunk_size=chunk)
-            row.update(timed(fn, inputs, grad_out))
+            row.update(timed(fn, inputs))
             row["rrmse_vs_chunk_fp32"] = accuracy_vs_reference(fn, inputs, grad_out, reference)
         except Exception:
             row["error"] = traceback.format_exc()[-1500:]

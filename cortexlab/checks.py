@@ -25,13 +25,17 @@ def _bound(x: float) -> str:
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
-                 low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> None:
-    """`value` must be an int or float (not a bool) in the interval from `low` to `high`.
+                 low_open: bool = False, high_open: bool = False, allow_inf: bool = False,
+                 allow_none: bool = False) -> None:
+    """`value` must be an int or float (not a bool) in the interval from `low` to `high`; None also passes
+    when `allow_none`.
 
     The ends are closed unless `low_open` / `high_open`. The value must be finite, except that +inf
     passes when `allow_inf` (and `high` is inf and closed). A positive number:
     `check_number(name, value, 0, low_open=True)`.
     """
+    if value is None and allow_none:
+        return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)   # JSON-writable numbers only
     ok = ok and (math.isfinite(value) or (allow_inf and value == math.inf))
     ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)

@@ -196,8 +196,8 @@ def _check_inputs(model, heads, input_ids, max_new_tokens, threshold, eos_token_
     check_int("max_new_tokens", max_new_tokens)
     if eos_token_id is not None and (not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool)):
         raise ValueError(f"eos_token_id must be an int or None, got {eos_token_id!r}")
-    if threshold is not None:                       # >= 1 (inf included): no exit
-        check_number("threshold", threshold, 0, low_open=True, allow_inf=True)
+    # None, or >= 1 (inf included): no exit
+    check_number("threshold", threshold, 0, low_open=True, allow_inf=True, allow_none=True)
     exits = threshold is not None and threshold < 1
     if heads is None:
         if exits:

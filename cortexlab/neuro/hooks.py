@@ -111,8 +111,7 @@ class InferenceHookConfig:
             object.__setattr__(self, "layers", sorted(set(layers)))
         check_int("sink_tokens", self.sink_tokens, 0)
         check_number("temperature_strength", self.temperature_strength)
-        if self.temperature_target is not None:
-            check_number("temperature_target", self.temperature_target, 0, 1)
+        check_number("temperature_target", self.temperature_target, 0, 1, allow_none=True)
         check_number("voting_temperature", self.voting_temperature, 0, low_open=True, allow_inf=True)
         hebbian = HebbianConfig(learning_rate=self.hebbian_learning_rate, decay_rate=self.hebbian_decay,
                                 max_hebbian_norm=self.hebbian_max_norm, eta=self.hebbian_eta)

@@ -43,8 +43,7 @@ class AdaptiveHeadTemperature(nn.Module):
         super().__init__()
         check_int("num_heads", num_heads)
         check_number("strength", strength)
-        if target is not None:
-            check_number("target", target, 0, 1)
+        check_number("target", target, 0, 1, allow_none=True)
         self.num_heads, self.strength, self.target = num_heads, float(strength), target
         self.register_buffer("entropy_sum", torch.zeros(0, num_heads), persistent=False)
         self.register_buffer("count", torch.zeros(0, num_heads), persistent=False)

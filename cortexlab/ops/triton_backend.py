@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from .gated_delta import HALF_DTYPES
+
 _MAX_BV = 32             # value columns per program (H200, bf16 D=128: fwd+bwd 1.4x faster than 64)
 _MAX_CHUNK_WIDE_KEYS = 32  # chunk cap once D_k pads past 64: the backward's [C, D_k] fp32 tiles then fit in registers
 _PIPELINE_DEPTHS = (3, 2, 1)  # num_stages tried at launch, deepest first (see `_launch`)
@@ -36,9 +38,6 @@ def _next_pow2(n: int) -> int:
 def _block(d: int) -> int:
     """Padded head-dim block: a power of two, at least 16 (the smallest tl.dot operand)."""
     return max(16, _next_pow2(d))
-
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _dot_precision(*dtypes: torch.dtype) -> str:
@@ -73,12 +72,14 @@ def _launch(kernel, grid, *args, num_warps: int, **constants) -> None:
     from triton.runtime.errors import OutOfResources
 
     key = (kernel.__name__, num_warps, tuple(sorted(constants.items())))
-    depths = _PIPELINE_DEPTHS[_PIPELINE_DEPTHS.index(_depth_that_fits.get(key, _PIPELINE_DEPTHS[0])):]
-    for depth in depths:
+    if key in _depth_that_fits:
+        kernel[grid](*args, num_warps=num_warps, num_stages=_depth_that_fits[key], **constants)
+        return
+    for depth in _PIPELINE_DEPTHS:
         try:
             kernel[grid](*args, num_warps=num_warps, num_stages=depth, **constants)
         except OutOfResources:
-            if depth == depths[-1]:
+            if depth == _PIPELINE_DEPTHS[-1]:
                 raise
             continue
         _depth_that_fits[key] = depth

@@ -248,8 +248,7 @@ class MQARTrainConfig:
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_number("weight_decay", self.weight_decay, 0)
         check_number("grad_clip", self.grad_clip, 0, allow_inf=True)   # inf: no clipping
-        if self.stop_accuracy is not None:
-            check_number("stop_accuracy", self.stop_accuracy, 0, 1, low_open=True)
+        check_number("stop_accuracy", self.stop_accuracy, 0, 1, low_open=True, allow_none=True)
         check_int("patience", self.patience, allow_none=True)
         check_number("min_delta", self.min_delta, 0, 1, high_open=True)
         self.model_config()   # an invalid model setting fails here
@@ -417,8 +416,12 @@ def _train_without_model(cfg: MQARTrainConfig, progress: bool = False, accelerat
     return result
 
 
+def _config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
 def _key(config: dict, revision: int) -> str:
-    return json.dumps({"config": config, "model_revision": revision}, sort_keys=True)
+    return f"{revision}:{_config_key(config)}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,8 +500,8 @@ def run_cli(args, command: str) -> dict:
     out = Path(args.out)
     done = json.loads(out.read_text())["runs"] if args.resume and out.is_file() else []
     # runs of --out for settings outside this grid (another --mixers or --sizes, say) are kept, after the grid's
-    grid = {json.dumps(jsonable(asdict(cfg)), sort_keys=True) for cfg in configs}
-    others = [r for r in done if json.dumps(r["config"], sort_keys=True) not in grid]
+    grid = {_config_key(jsonable(asdict(cfg))) for cfg in configs}
+    others = [r for r in done if _config_key(r["config"]) not in grid]
     header = {"experiment": "E1 multi-query associative recall (Zoology MQAR), 2-layer models from scratch",
               "metric": "accuracy of the argmax at the answer positions of held-out sequences",
               "baselines": "chance = 1 / number of values; untrained_accuracy = the same model before training",
