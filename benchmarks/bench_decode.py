@@ -43,7 +43,10 @@ library's own sources, tokenised with SmolLM2's tokenizer.
    delta rule and its input checks, window attention, output) at the prefill length and
    at one token, and the parts' shares are applied to the sidecars' time. With a memory
    controller in the config, its entropy read-out (the output head applied once per forward
-   at `entropy_layer`, so part of "rest") is timed on its own as well.
+   at `entropy_layer`, so part of "rest") is timed on its own as well: computed on rows never
+   seen, and, at entropy_layer 0 (the default with sidecars on every layer), looked up per
+   token id as the wrapper does once a token has been seen (the timed forwards run after the
+   history phase has seen the text, so they pay the lookup).
 
 Every number, the plan, versions, git revision, threads and this command go to --out.
 GPU numbers are not part of the default run (--device cuda exists but the CPU run is
@@ -240,7 +243,7 @@ def prefill_phase(wrapped, single, ids, plan, threads, device, log) -> dict:
     return {key: {"median_s": t.median_s, "min_s": t.min_s, "times_s": t.times_s} for key, t in timed.items()}
 
 
-def profile_phase(wrapped, snapshots, plan, threads, log) -> dict:
+def profile_phase(wrapped, snapshots, prefill_ids, plan, threads, log) -> dict:
     layer = plan["single_layer"]
     block = wrapped.sidecars[str(layer)]
     T = plan["prefill_tokens"]
@@ -248,24 +251,31 @@ def profile_phase(wrapped, snapshots, plan, threads, log) -> dict:
     prefill = profile_block(block, T, repeats=plan["profile_repeats"], threads=threads)
     state = snapshots[max(snapshots)][layer]
     decode = profile_block(block, 1, state=state, repeats=plan["profile_decode_repeats"], threads=threads)
-    lens = lens_reference(wrapped, T, plan, threads, log)
+    lens = lens_reference(wrapped, prefill_ids, plan, threads, log)
     return {"layer": layer, "prefill": prefill, "decode": decode, "entropy_lens": lens}
 
 
-def lens_reference(wrapped, T, plan, threads, log) -> dict | None:
+def lens_reference(wrapped, ids, plan, threads, log) -> dict | None:
     """With a memory controller in the config: the cost of its entropy signal, read once per
-    forward (the base's final norm + output head + entropy on the forward's tokens), which
-    `sidecars_call` does not include. None without a controller."""
+    forward, which `sidecars_call` does not include. "median_s": computed (the base's final
+    norm + output head + entropy) on T rows that are all distinct, the cost when no token of
+    the forward has been seen before; "looked_up_s" (entropy_layer 0 only): the same tokens
+    read through the wrapper's per-token cache once they have been seen, as in the timed
+    forwards (the history phase saw the text first). None without a controller."""
     if not wrapped.config.controller:
         return None
     from cortexlab.cortex.controller import predictive_entropy
 
     norm, head = wrapped.base.get_decoder().norm, wrapped.base.get_output_embeddings()
     d_model = wrapped.base.config.hidden_size
-    log(f"[profile] the controller's entropy read-out (final norm + output head + entropy), T={T} and T=1 ...")
+    cache = getattr(wrapped, "_token_entropy", None)
+    log(f"[profile] the controller's entropy read-out (final norm + output head + entropy), T={ids.shape[1]} and "
+        f"T=1, computed{' and looked up' if cache is not None else ''} ...")
     out = {}
-    for key, n, repeats in (("prefill", T, plan["profile_repeats"]), ("decode", 1, plan["profile_decode_repeats"])):
-        x = torch.randn(1, n, d_model, generator=torch.Generator().manual_seed(0))
+    for key, x_ids, repeats in (("prefill", ids, plan["profile_repeats"]),
+                                ("decode", ids[:, -1:], plan["profile_decode_repeats"])):
+        n = x_ids.shape[1]
+        x = torch.randn(1, n, d_model, generator=torch.Generator().manual_seed(0)).to(ids.device)
 
         def call(x=x):
             with torch.no_grad():
@@ -274,6 +284,15 @@ def lens_reference(wrapped, T, plan, threads, log) -> dict | None:
         call()
         t = time_call(call, warmup=0, repeats=repeats, threads=threads)
         out[key] = {"T": n, "median_s": t.median_s, "times_s": t.times_s}
+        if cache is not None:
+            embeds = wrapped.base.get_input_embeddings()(x_ids)
+
+            def lookup(x_ids=x_ids, embeds=embeds):
+                cache(x_ids, embeds)
+
+            lookup()   # the first sight of any token not seen in the history
+            t = time_call(lookup, warmup=0, repeats=repeats, threads=threads)
+            out[key].update(looked_up_s=t.median_s, looked_up_times_s=t.times_s)
     return out
 
 
@@ -364,7 +383,9 @@ def summarise(history, decode, prefill, profile, n_layers) -> dict:
             att["part_share_of_block"] = {k: v / p["block_s"] for k, v in parts.items()}
             att["part_estimated_s"] = {k: alone * v / p["block_s"] for k, v in parts.items()}
             if profile.get("entropy_lens"):
-                att["entropy_lens_s"] = profile["entropy_lens"][phase]["median_s"]  # once per forward
+                att["entropy_lens_s"] = profile["entropy_lens"][phase]["median_s"]  # once per forward, computed
+                if "looked_up_s" in profile["entropy_lens"][phase]:
+                    att["entropy_looked_up_s"] = profile["entropy_lens"][phase]["looked_up_s"]
         attribution[phase] = att
     out["attribution"] = attribution
     return out
@@ -431,8 +452,10 @@ def print_report(plan, history, decode, prefill, profile, step_memory, summary, 
                     f"{fmt_s(att['part_estimated_s'][part])}{note}")
             if "entropy_lens_s" in att:
                 lens = profile["entropy_lens"][phase]
+                looked_up = f"; looked up per token id once seen: {fmt_s(lens['looked_up_s'])}" \
+                    if "looked_up_s" in lens else ""
                 log(f"    the controller's entropy read-out, once per forward (not in the sidecars alone): "
-                    f"{fmt_s(lens['median_s'])} at T={lens['T']}")
+                    f"computed {fmt_s(lens['median_s'])} at T={lens['T']}{looked_up}")
 
     log("\nRatios (same run; median-of-rounds ratio, then the per-round paired ratios' median [min-max]):")
     met = summary["targets_met"]
@@ -560,7 +583,7 @@ def main(argv=None) -> int:
     profile = None
     if plan["profile"]:
         t0 = time.perf_counter()
-        profile = profile_phase(wrapped, history["snapshots"], plan, args.threads, log)
+        profile = profile_phase(wrapped, history["snapshots"], prefill_ids, plan, args.threads, log)
         phase_s["profile"] = time.perf_counter() - t0
 
     step_memory = {"skipped": "not run (--quick or --no-step-memory)"}

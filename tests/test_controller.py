@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cortexlab.cortex import CortexWrapConfig, HybridCortexBlock
-from cortexlab.cortex.controller import predictive_entropy, recall_error
+from cortexlab.cortex.controller import TokenEntropyCache, predictive_entropy, recall_error
 from cortexlab.cortex.gdn import CortexBlock
 
 D_MODEL = 32
@@ -139,6 +139,26 @@ def test_predictive_entropy_of_repeated_rows_equals_the_direct_read_out():
         logp = head(norm(x)).log_softmax(-1)
         direct = -(logp.exp() * logp).sum(-1) / math.log(V)
     assert torch.allclose(predictive_entropy(x, norm, head, block_tokens=2), direct, atol=1e-6)
+
+
+def test_token_entropy_cache_equals_the_direct_read_out_and_checks_every_row():
+    """Looked-up entropies equal the computed ones; a row that is not its token's embedding is computed."""
+    V, d = 30, 6
+    torch.manual_seed(0)
+    head, norm, embed = torch.nn.Linear(d, V), torch.nn.LayerNorm(d), torch.nn.Embedding(V, d)
+    cache = TokenEntropyCache(norm, head, V)
+    with torch.no_grad():
+        ids = torch.randint(0, V, (2, 17))
+        first = cache(ids, embed(ids))
+        assert torch.allclose(first, predictive_entropy(embed(ids), norm, head), atol=1e-6)
+        assert int((~torch.isnan(cache.entropy)).sum()) == len(ids.unique())
+        again = torch.randint(0, V, (1, 9))
+        assert torch.allclose(cache(again, embed(again)), predictive_entropy(embed(again), norm, head), atol=1e-6)
+        shifted = embed(ids) + torch.arange(17.0)[None, :, None]     # position-dependent rows: no false hit
+        assert torch.allclose(cache(ids, shifted), predictive_entropy(shifted, norm, head), atol=1e-6)
+        head.weight.mul_(3.0)                                        # the output head changed: cache cleared
+        assert torch.allclose(cache(ids, embed(ids)), predictive_entropy(embed(ids), norm, head), atol=1e-6)
+        assert not torch.allclose(cache(ids, embed(ids)), first, atol=1e-3)
 
 
 def test_controller_flag_is_validated():

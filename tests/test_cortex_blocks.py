@@ -130,3 +130,56 @@ def test_bad_block_inputs_name_the_problem():
     _, state = block(torch.randn(2, 5, D_MODEL))
     with pytest.raises(ValueError, match="batch size"):
         block(torch.randn(3, 5, D_MODEL), state)
+
+
+def test_sliding_window_equals_dense_masked_attention_over_several_query_blocks():
+    """Blocked, fused window attention = one dense softmax with the band mask, for outputs and gradients,
+    with a cache from an earlier call and left padding (padding queries give zeros, never NaN)."""
+    from cortexlab.cortex.window import QUERY_BLOCK, empty_window, sliding_window_attention
+
+    B, H, D, W, T = 2, 2, 8, 16, 2 * QUERY_BLOCK + 21
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen, requires_grad=True) for _ in range(3))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :5] = False                                                   # left padding in the second row
+    old_k, old_v = torch.randn(2, B, H, W - 1, D, generator=gen)
+    cache = {"win_k": old_k, "win_v": old_v, "win_valid": torch.ones(B, W - 1, dtype=torch.bool)}
+    cache["win_valid"][0, :3] = False
+    o, new_cache = sliding_window_attention(q, k, v, cache, mask, W)
+
+    keys = torch.cat([old_k, k.transpose(1, 2)], 2)
+    values = torch.cat([old_v, v.transpose(1, 2)], 2)
+    valid = torch.cat([cache["win_valid"], mask], 1)
+    scores = q.transpose(1, 2) @ keys.mT * D ** -0.5                      # [B, H, T, W-1+T]
+    pos_q, pos_k = torch.arange(T)[:, None] + W - 1, torch.arange(T + W - 1)[None, :]
+    allowed = (pos_k <= pos_q) & (pos_k > pos_q - W) & valid[:, None, None, :]
+    reference = (scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num() @ values).transpose(1, 2)
+    reference = reference * mask[..., None, None]
+    assert torch.isfinite(o).all() and (o[1, :5] == 0).all()
+    assert torch.allclose(o, reference, atol=1e-5)
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+    expected = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(new_cache["win_k"], keys[:, :, -(W - 1):])
+    assert torch.equal(new_cache["win_valid"], valid[:, -(W - 1):])
+    assert empty_window(B, H, D, W, q)["win_valid"].sum() == 0
+
+
+def test_short_conv_is_a_causal_depthwise_convolution():
+    """ShortConv = silu(conv1d) with K-1 zeros (or the carried tail) before the sequence, outputs and gradients."""
+    import torch.nn.functional as F
+
+    from cortexlab.cortex.gdn import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4)
+    x = torch.randn(2, 11, 6, requires_grad=True)
+    y, tail = conv(x, None)
+    reference = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, groups=6).transpose(1, 2))
+    assert torch.allclose(y, reference, atol=1e-6) and torch.equal(tail, x[:, -3:].detach())
+    got = torch.autograd.grad(y.sum(), (x, conv.weight))
+    want = torch.autograd.grad(reference.sum(), (x, conv.weight))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+    y2, _ = conv(x[:, 5:], x[:, 2:5])                               # continuing from a carried tail
+    assert torch.allclose(y2, y[:, 5:], atol=1e-6)

@@ -245,6 +245,25 @@ def test_one_entropy_reading_is_shared_by_every_controller():
         CortexWrapConfig(entropy_layer=-1)
 
 
+def test_entropy_at_layer_zero_is_the_logit_lens_of_the_embeddings_also_when_looked_up():
+    from cortexlab.cortex.controller import predictive_entropy
+
+    model = wrapped(cfg=CortexWrapConfig(rank_fast=8, num_heads=2, window_size=8, entropy_layer=0))
+    base = model.base
+    for seed in (0, 1):   # the second call finds most tokens in the cache
+        x = ids(B=2, T=30, seed=seed)
+        with torch.no_grad(), model.recording() as traces:
+            model(x)
+            direct = predictive_entropy(base.get_input_embeddings()(x), base.get_decoder().norm,
+                                        base.get_output_embeddings())
+        assert torch.allclose(traces[0][0]["entropy"][..., 0], direct, atol=1e-6)   # [B, T, H]: one per head
+        cached = ~torch.isnan(model._token_entropy.row_sum)
+        assert cached[x.flatten()].all()                      # every token of the call is now cached
+    with torch.no_grad(), model.recording() as traces:    # inputs_embeds: no ids, computed directly
+        model.base(inputs_embeds=base.get_input_embeddings()(x))
+    assert torch.allclose(traces[0][0]["entropy"][..., 0], direct, atol=1e-6)
+
+
 def test_parameter_counts():
     model = wrapped(trained=False)
     counts = model.parameter_counts()

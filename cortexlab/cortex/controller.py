@@ -26,6 +26,7 @@ it computes without one (tested); training moves the weights.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,54 @@ def predictive_entropy(residual: torch.Tensor, final_norm: nn.Module, lm_head: n
             logp = logits.log_softmax(-1)
             out[s:s + block_tokens] = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
     return out[inverse].view(B, T)
+
+
+class TokenEntropyCache:
+    """u_t for a residual stream that is a function of the token alone (the input of layer 0 is the
+    token's embedding), remembered per token id: after the first sight of a token its entropy
+    costs a lookup instead of a pass through the output head (the largest matmul of a small model).
+
+    Every row is checked against the row the cached value was computed from (by its sum), so a
+    stream that is not a pure function of the id (added position embeddings, a caller's own
+    `inputs_embeds`) is computed directly, never looked up wrongly; the cache is cleared when the
+    final norm or output head weights change in place.
+    """
+
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, vocab_size: int):
+        self.final_norm, self.lm_head = final_norm, lm_head
+        self.vocab_size = vocab_size
+        self.entropy = self.row_sum = None
+        self._weights_seen = None
+        self._lock = threading.Lock()
+
+    def _weights_key(self):
+        return tuple((p.data_ptr(), p._version) for m in (self.final_norm, self.lm_head) for p in m.parameters())
+
+    def __call__(self, input_ids: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """[B, T] entropies of `residual` [B, T, d] whose rows belong to tokens `input_ids` [B, T]."""
+        if input_ids.shape != residual.shape[:2]:
+            return predictive_entropy(residual, self.final_norm, self.lm_head)
+        with torch.no_grad(), self._lock:
+            ids = input_ids.reshape(-1)
+            rows = residual.reshape(ids.shape[0], -1)
+            sums = rows.float().sum(-1)
+            if self.entropy is None or self._weights_key() != self._weights_seen or \
+                    self.entropy.device != rows.device:
+                self.entropy = torch.full((self.vocab_size,), float("nan"), device=rows.device)
+                self.row_sum = torch.full((self.vocab_size,), float("nan"), device=rows.device)
+                self._weights_seen = self._weights_key()
+            inside = (ids >= 0) & (ids < self.vocab_size)
+            safe = ids.clamp(0, self.vocab_size - 1)
+            known = inside & (self.row_sum[safe] == sums)
+            out = torch.where(known, self.entropy[safe], torch.zeros_like(sums))
+            if not bool(known.all()):
+                todo = (~known).nonzero().squeeze(1)
+                u = predictive_entropy(rows[todo][None], self.final_norm, self.lm_head)[0]
+                out[todo] = u
+                fresh = todo[inside[todo] & torch.isnan(self.row_sum[safe[todo]])]   # first sight of the id
+                self.entropy[ids[fresh]] = out[fresh]
+                self.row_sum[ids[fresh]] = sums[fresh]
+        return out.view(input_ids.shape)
 
 
 def recall_error(k, v, g, beta, S0, memory):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CortexWrapConfig
-from .controller import predictive_entropy
+from .controller import TokenEntropyCache, predictive_entropy
 from .hybrid import HybridCortexBlock
 from .session import SessionStore
 
@@ -97,6 +97,10 @@ class CortexModel(nn.Module):
                                 "controller's entropy signal; use CortexWrapConfig(controller=False)")
             self._hooks.append(layers[self.entropy_layer].register_forward_pre_hook(self._read_entropy,
                                                                                      with_kwargs=True))
+            # layer 0 reads the token embeddings: each token's entropy is computed once, then looked up
+            self._token_entropy = TokenEntropyCache(self._final_norm, self._lm_head,
+                                                    base.get_input_embeddings().num_embeddings) \
+                if self.entropy_layer == 0 else None
         self._hooks.append(base.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         base._cortex_attached = True
 
@@ -120,15 +124,21 @@ class CortexModel(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def _capture_mask(self, module, args, kwargs):
-        """Remember the 2D padding mask of this forward (None when there is no padding)."""
+        """Remember the 2D padding mask (None when there is no padding) and the input ids of this forward."""
         mask = kwargs.get("attention_mask")
         self._local.mask = mask.bool() if mask is not None and mask.dim() == 2 and not mask.all() else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._local.input_ids = ids if isinstance(ids, torch.Tensor) else None
 
     def _read_entropy(self, module, args, kwargs):
         """Predictive entropy of the residual stream entering `entropy_layer` (see controller.py)."""
         if not getattr(self._local, "disabled", False):
             residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self._local.entropy = predictive_entropy(residual, self._final_norm, self._lm_head)
+            ids = getattr(self._local, "input_ids", None)
+            if self._token_entropy is not None and ids is not None:
+                self._local.entropy = self._token_entropy(ids, residual)
+            else:
+                self._local.entropy = predictive_entropy(residual, self._final_norm, self._lm_head)
 
     def _make_hook(self, idx: int):
         def hook(module, args, kwargs, output):
@@ -184,6 +194,7 @@ class CortexModel(nn.Module):
         finally:
             self._local.memory = None
             self._local.mask = None
+            self._local.input_ids = None
             self._local.entropy = None
 
     @contextlib.contextmanager

@@ -333,7 +333,7 @@ def profile_block(block, T: int, *, state: dict | None = None, warmup: int = 1, 
     state = state or {}
     with torch.no_grad():
         q, k, v, _ = gdn.features(x, state.get("conv"), None)
-        g, beta = gdn.gates(x, None)
+        g, beta = gdn.gates(gdn.gate_logits(x), None)
         qn, kn = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         o_mem, _ = gdn.memory(qn, kn, v, g, beta, state.get("S"))
         gate = F.silu(gdn.out_gate_proj(x)).unflatten(-1, (gdn.num_heads, gdn.head_dim))
@@ -345,7 +345,7 @@ def profile_block(block, T: int, *, state: dict | None = None, warmup: int = 1, 
 
     def projections():
         gdn.features(x, state.get("conv"), None)
-        gdn.gates(x, None)
+        gdn.gates(gdn.gate_logits(x), None)
         F.silu(gdn.out_gate_proj(x))
 
     def normalize():
