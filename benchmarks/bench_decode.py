@@ -268,7 +268,7 @@ def lens_reference(wrapped, ids, plan, threads, log) -> dict | None:
 
     norm, head = wrapped.base.get_decoder().norm, wrapped.base.get_output_embeddings()
     d_model = wrapped.base.config.hidden_size
-    cache = getattr(wrapped, "_token_entropy", None)
+    cache = wrapped.token_entropy
     log(f"[profile] the controller's entropy read-out (final norm + output head + entropy), T={ids.shape[1]} and "
         f"T=1, computed{' and looked up' if cache is not None else ''} ...")
     out = {}

@@ -141,24 +141,39 @@ def test_predictive_entropy_of_repeated_rows_equals_the_direct_read_out():
     assert torch.allclose(predictive_entropy(x, norm, head, block_tokens=2), direct, atol=1e-6)
 
 
-def test_token_entropy_cache_equals_the_direct_read_out_and_checks_every_row():
-    """Looked-up entropies equal the computed ones; a row that is not its token's embedding is computed."""
+def test_token_entropy_cache_equals_the_direct_read_out_and_looks_up_seen_tokens(monkeypatch):
+    """Looked-up entropies equal the computed ones; a seen token costs no output-head pass; a row that is
+    not its token's embedding is computed; the table is dropped when the head changes."""
+    from cortexlab.cortex import controller
+
     V, d = 30, 6
     torch.manual_seed(0)
     head, norm, embed = torch.nn.Linear(d, V), torch.nn.LayerNorm(d), torch.nn.Embedding(V, d)
-    cache = TokenEntropyCache(norm, head, V)
+    cache = TokenEntropyCache(embed, norm, head)
+    computed = []
+
+    def counting(residual, *args, **kwargs):
+        computed.append(residual.shape[1])
+        return predictive_entropy(residual, *args, **kwargs)
+
+    monkeypatch.setattr(controller, "predictive_entropy", counting)
     with torch.no_grad():
         ids = torch.randint(0, V, (2, 17))
         first = cache(ids, embed(ids))
         assert torch.allclose(first, predictive_entropy(embed(ids), norm, head), atol=1e-6)
-        assert int((~torch.isnan(cache.entropy)).sum()) == len(ids.unique())
-        again = torch.randint(0, V, (1, 9))
+        assert computed == [34] and int((~torch.isnan(cache.entropy)).sum()) == len(ids.unique())
+        again = ids[:, 3:9].flip(-1)                                 # seen tokens only: looked up, nothing computed
         assert torch.allclose(cache(again, embed(again)), predictive_entropy(embed(again), norm, head), atol=1e-6)
-        shifted = embed(ids) + torch.arange(17.0)[None, :, None]     # position-dependent rows: no false hit
+        assert computed == [34]
+        shifted = embed(ids) + torch.arange(1.0, 18.0)[None, :, None]  # not the plain embedding: computed
         assert torch.allclose(cache(ids, shifted), predictive_entropy(shifted, norm, head), atol=1e-6)
-        head.weight.mul_(3.0)                                        # the output head changed: cache cleared
+        assert computed == [34, 34]
+        head.weight.mul_(3.0)                                        # the output head changed: table dropped
         assert torch.allclose(cache(ids, embed(ids)), predictive_entropy(embed(ids), norm, head), atol=1e-6)
         assert not torch.allclose(cache(ids, embed(ids)), first, atol=1e-3)
+        head.weight.data.mul_(2.0)                                   # invisible to the version check: clear()
+        cache.clear()
+        assert torch.allclose(cache(ids, embed(ids)), predictive_entropy(embed(ids), norm, head), atol=1e-6)
 
 
 def test_controller_flag_is_validated():

@@ -232,3 +232,84 @@ def test_config_and_curriculum_validation():
         RecallTrainConfig(crop_filler=-1)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         RecallTrainConfig(min_lr_ratio=2.0)
+
+
+def test_ablation_over_seeds_reuses_finished_runs_and_averages_them(tmp_path, monkeypatch):
+    """recall-ablation --seeds 0,1,2 --reuse: runs and evaluations on disk are kept (a config written before
+    newer fields existed still matches), a run whose config differs is trained and evaluated again, the bare
+    model's row reaches every run file, and the table is the mean over seeds."""
+    import argparse
+
+    import cortexlab.models
+    from cortexlab.train import recall
+
+    out, adapters = tmp_path / "r_ablation.json", tmp_path / "adapters"
+    parser = argparse.ArgumentParser()
+    recall.add_cli(parser.add_subparsers(dest="recipe"))
+    argv = ["recall-ablation", "--seeds", "0,1,2", "--steps", "7", "--eval-distances", "0,2", "--eval-examples", "4",
+            "--out", str(out), "--adapters", str(adapters), "--reuse"]
+    args = parser.parse_args(argv)
+    eval_set = {"split": "heldout", "examples": 4, "seed": recall.EVAL_SEED, "distances": [0, 2], "layout": "-"}
+
+    def table(value, base=True):
+        per = {d: {"exact_match": value, "digit_accuracy": value, "examples": 4} for d in ("0", "2")}
+        return {"sidecar": per, "reset": per, **({"base": per} if base else {})}
+
+    def write_run(seed, name, controller, value, evaluated=True, **config_changes):
+        file, adapter = recall.ablation_paths(out, adapters, name, seed)
+        config = json.loads(json.dumps(recall.asdict(recall._config_from(args, controller, seed)), default=list))
+        config.update(config_changes)
+        adapter.mkdir(parents=True, exist_ok=True)
+        (adapter / "cortex.safetensors").write_bytes(b"")
+        run = {"config": config, "seeds": {"init": seed}, "train_seconds": 1.0, "command": "cmd", "git": {},
+               "history": [{"step": 1, "calls": 2, "loss": 2.3, "exact_match": 0.0, "seconds": 1.0}]}
+        if evaluated:   # seed 1 was evaluated by a version that left the bare model out of later runs' files
+            run.update(eval=table(value, base=seed != 1), eval_neutralised=table(value, base=seed != 1),
+                       eval_set=eval_set)
+        file.write_text(json.dumps(run))
+
+    for seed in (0, 1, 2):
+        for name, controller in recall.ABLATION_RUNS:
+            value = 0.5 + 0.25 * seed if controller else 0.1 * seed
+            extra = {"lr": 1.0} if (seed, name) == (2, "noctrl") else {}   # trained with another lr: redone
+            write_run(seed, name, controller, value, **extra)
+    config = json.loads((tmp_path / "r_ctrl.json").read_text())["config"]
+    del config["crop_filler"]                       # written before that field existed: counts as its default
+    (tmp_path / "r_ctrl.json").write_text(json.dumps({**json.loads((tmp_path / "r_ctrl.json").read_text()),
+                                                      "config": config}))
+    trained, evaluated = [], []
+
+    def fake_run_one(args, controller, file, adapter, command, evaluate=True, seed=None):
+        trained.append((seed, controller, evaluate))
+        write_run(seed, "ctrl" if controller else "noctrl", controller, 0.0, evaluated=False)
+        return json.loads(file.read_text())
+
+    class FakeSidecar:
+        def load_cortex(self, path):
+            evaluated.append(path.name)
+
+        def detach(self):
+            pass
+
+    monkeypatch.setattr(recall, "_run_one", fake_run_one)
+    monkeypatch.setattr(cortexlab.models, "load_base_model", lambda: (None, None))
+    monkeypatch.setattr(recall, "RecallTask", lambda *a, **k: None)
+    monkeypatch.setattr(recall, "attach_cortex", lambda base, cfg: FakeSidecar())
+    monkeypatch.setattr(recall, "RecallEvalSet", lambda *a, **k: type("S", (), {"describe": lambda self: eval_set})())
+    monkeypatch.setattr(recall, "evaluate_recall", lambda model, data, variants, progress: {
+        v: table(0.4)["sidecar"] for v in variants})
+
+    combined = recall.run_cli(args, "cmd")
+    assert trained == [(2, False, False)] and evaluated == ["recall_noctrl_seed2"]
+    assert recall.ablation_paths(out, adapters, "ctrl", 1) == (tmp_path / "r_ctrl_seed1.json",
+                                                               adapters / "recall_ctrl_seed1")
+    assert combined["controller_trained"]["sidecar"]["2"] == pytest.approx(0.75)      # (0.5 + 0.75 + 1.0) / 3
+    assert combined["no_controller_trained"]["sidecar"]["2"] == pytest.approx(0.5 / 3)  # (0 + 0.1 + 0.4) / 3
+    saved = json.loads(out.read_text())
+    assert saved["exact_match_by_seed"]["1"]["controller_trained"]["sidecar"]["0"] == 0.75
+    assert saved["seeds"]["init"] == [0, 1, 2] and len(saved["curves"]) == 6
+    for seed in (0, 1, 2):
+        for name, _ in recall.ABLATION_RUNS:
+            run = json.loads(recall.ablation_paths(out, adapters, name, seed)[0].read_text())
+            assert run["eval"]["base"] == table(0.5)["base"]      # the bare model (first measured) everywhere
+    assert not recall._same_eval_set({"split": "heldout"}, recall._config_from(args, True))

@@ -56,50 +56,60 @@ def predictive_entropy(residual: torch.Tensor, final_norm: nn.Module, lm_head: n
 
 
 class TokenEntropyCache:
-    """u_t for a residual stream that is a function of the token alone (the input of layer 0 is the
-    token's embedding), remembered per token id: after the first sight of a token its entropy
-    costs a lookup instead of a pass through the output head (the largest matmul of a small model).
+    """u_t at a layer whose input is the token embedding (layer 0), remembered per token id: after
+    a token's first sight its entropy costs a lookup instead of a pass through the output head
+    (the largest matrix product of a small model).
 
-    Every row is checked against the row the cached value was computed from (by its sum), so a
-    stream that is not a pure function of the id (added position embeddings, a caller's own
-    `inputs_embeds`) is computed directly, never looked up wrongly; the cache is cleared when the
-    final norm or output head weights change in place.
+    A row is looked up only when it equals its token's embedding exactly, so a stream that is
+    not the plain embedding (scaled or position-added embeddings, a caller's own `inputs_embeds`)
+    is computed directly. The table is dropped when the embedding, final norm or output head
+    change through autograd-visible in-place ops (`load_state_dict`, `copy_` on a parameter);
+    edits through `.data` are invisible to that check: call `clear()` after them.
     """
 
-    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, vocab_size: int):
-        self.final_norm, self.lm_head = final_norm, lm_head
-        self.vocab_size = vocab_size
-        self.entropy = self.row_sum = None
+    def __init__(self, embedding: nn.Module, final_norm: nn.Module, lm_head: nn.Module):
+        self.embedding, self.final_norm, self.lm_head = embedding, final_norm, lm_head
+        self.entropy = None          # [V], NaN where the token has not been seen
         self._weights_seen = None
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        with self._lock:
+            self.entropy = None
+
     def _weights_key(self):
-        return tuple((p.data_ptr(), p._version) for m in (self.final_norm, self.lm_head) for p in m.parameters())
+        """Storage and version of every weight the values depend on; None when untrackable (inference tensors)."""
+        try:
+            return tuple((p.data_ptr(), p._version) for m in (self.embedding, self.final_norm, self.lm_head)
+                         for p in m.parameters())
+        except RuntimeError:
+            return None
 
     def __call__(self, input_ids: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """[B, T] entropies of `residual` [B, T, d] whose rows belong to tokens `input_ids` [B, T]."""
-        if input_ids.shape != residual.shape[:2]:
+        """[B, T] entropies of `residual` [B, T, d], the rows entering layer 0 for tokens `input_ids` [B, T]."""
+        table = self.embedding.weight
+        key = self._weights_key()
+        if input_ids.shape != residual.shape[:2] or key is None or table.shape[1] != residual.shape[-1]:
             return predictive_entropy(residual, self.final_norm, self.lm_head)
-        with torch.no_grad(), self._lock:
-            ids = input_ids.reshape(-1)
-            rows = residual.reshape(ids.shape[0], -1)
-            sums = rows.float().sum(-1)
-            if self.entropy is None or self._weights_key() != self._weights_seen or \
-                    self.entropy.device != rows.device:
-                self.entropy = torch.full((self.vocab_size,), float("nan"), device=rows.device)
-                self.row_sum = torch.full((self.vocab_size,), float("nan"), device=rows.device)
-                self._weights_seen = self._weights_key()
-            inside = (ids >= 0) & (ids < self.vocab_size)
-            safe = ids.clamp(0, self.vocab_size - 1)
-            known = inside & (self.row_sum[safe] == sums)
-            out = torch.where(known, self.entropy[safe], torch.zeros_like(sums))
-            if not bool(known.all()):
-                todo = (~known).nonzero().squeeze(1)
-                u = predictive_entropy(rows[todo][None], self.final_norm, self.lm_head)[0]
-                out[todo] = u
-                fresh = todo[inside[todo] & torch.isnan(self.row_sum[safe[todo]])]   # first sight of the id
-                self.entropy[ids[fresh]] = out[fresh]
-                self.row_sum[ids[fresh]] = sums[fresh]
+        with torch.no_grad():
+            rows = residual.reshape(-1, residual.shape[-1])
+            ids = input_ids.reshape(-1).to(rows.device)
+            V = table.shape[0]
+            safe = ids.clamp(0, V - 1)
+            embedded = (ids == safe) & (rows == table[safe].to(rows.dtype)).all(-1)
+            with self._lock:
+                if self.entropy is None or key != self._weights_seen or self.entropy.device != rows.device:
+                    self.entropy = torch.full((V,), float("nan"), device=rows.device)
+                    self._weights_seen = key
+                entropy = self.entropy
+                out = torch.where(embedded, entropy[safe], float("nan"))
+            todo = torch.isnan(out).nonzero().squeeze(1)
+            if todo.numel():   # outside the lock: the output-head pass of one thread does not stall others
+                out[todo] = predictive_entropy(rows[todo][None], self.final_norm, self.lm_head)[0]
+                fresh = todo[embedded[todo]]
+                with self._lock:
+                    if self.entropy is entropy:
+                        entropy[ids[fresh]] = out[fresh]   # every row of one id is the same embedding row
         return out.view(input_ids.shape)
 
 

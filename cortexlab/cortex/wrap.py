@@ -80,6 +80,7 @@ class CortexModel(nn.Module):
         self._local = threading.local()
         self._hooks = [layers[i].self_attn.register_forward_hook(self._make_hook(i), with_kwargs=True)
                        for i in self.layer_ids]
+        self.token_entropy = None
         if cfg.controller:
             # the controller's entropy signal: the logit lens on the residual stream entering one
             # layer, computed once per forward and shared by every sidecar (the output head is the
@@ -98,8 +99,7 @@ class CortexModel(nn.Module):
             self._hooks.append(layers[self.entropy_layer].register_forward_pre_hook(self._read_entropy,
                                                                                      with_kwargs=True))
             # layer 0 reads the token embeddings: each token's entropy is computed once, then looked up
-            self._token_entropy = TokenEntropyCache(self._final_norm, self._lm_head,
-                                                    base.get_input_embeddings().num_embeddings) \
+            self.token_entropy = TokenEntropyCache(base.get_input_embeddings(), self._final_norm, self._lm_head) \
                 if self.entropy_layer == 0 else None
         self._hooks.append(base.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         base._cortex_attached = True
@@ -135,8 +135,8 @@ class CortexModel(nn.Module):
         if not getattr(self._local, "disabled", False):
             residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             ids = getattr(self._local, "input_ids", None)
-            if self._token_entropy is not None and ids is not None:
-                self._local.entropy = self._token_entropy(ids, residual)
+            if self.token_entropy is not None and ids is not None:
+                self._local.entropy = self.token_entropy(ids, residual)
             else:
                 self._local.entropy = predictive_entropy(residual, self._final_norm, self._lm_head)
 

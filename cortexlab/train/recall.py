@@ -708,13 +708,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _config_from(args, controller: bool) -> RecallTrainConfig:
+def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrainConfig:
     return RecallTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              min_lr_ratio=args.min_lr_ratio, crop_filler=args.crop_filler,
                              curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
-                             easy_filler=args.easy_filler, seed=args.seed,
+                             easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
                              num_heads=args.heads, controller=controller, use_hybrid=args.hybrid,
                              eval_distances=args.eval_distances, eval_examples=args.eval_examples,
@@ -735,9 +735,10 @@ def _card(result: dict, out: Path) -> dict:
             "train_seconds": result["train_seconds"], "results_file": str(out)}
 
 
-def _run_one(args, controller: bool, out: Path, adapter: Path | None, command: str, evaluate: bool = True) -> dict:
+def _run_one(args, controller: bool, out: Path, adapter: Path | None, command: str, evaluate: bool = True,
+             seed: int | None = None) -> dict:
     """Train one variant; write its results JSON (and adapter + card.json); returns the results."""
-    cfg = _config_from(args, controller)
+    cfg = _config_from(args, controller, seed)
     result = train_recall(cfg, checkpoint_dir=_checkpoint_dir(args, out.stem), resume=args.resume,
                           progress=not args.no_progress, evaluate=evaluate)
     model = result.pop("model")
@@ -755,75 +756,124 @@ def _exact_table(ev: dict) -> dict:
             for variant, per in ev.items() if variant != "chance"}
 
 
-def _ablation(args, command: str) -> dict:
-    """Train with and without the controller, then evaluate both (and the neutralised one) on one eval set."""
-    out = Path(args.out)
-    adapters = Path(args.adapters)
+ABLATION_RUNS = (("noctrl", False), ("ctrl", True))
+
+
+def ablation_paths(out: Path, adapters: Path, name: str, seed: int) -> tuple[Path, Path]:
+    """The results file and adapter folder of one ablation run (seed 0 keeps the unsuffixed names)."""
+    suffix = "" if seed == 0 else f"_seed{seed}"
     stem = out.stem.removesuffix("_ablation")
+    return out.with_name(f"{stem}_{name}{suffix}.json"), adapters / f"recall_{name}{suffix}"
+
+
+def _same_config(previous: dict | None, cfg: RecallTrainConfig) -> bool:
+    """Whether a results file's config is `cfg`; fields added since it was written count as their defaults."""
+    return previous is not None and {**jsonable(asdict(RecallTrainConfig())), **previous} == jsonable(asdict(cfg))
+
+
+def _same_eval_set(previous: dict | None, cfg: RecallTrainConfig) -> bool:
+    """Whether a run's recorded eval set is the held-out set `cfg` asks for."""
+    previous = previous or {}
+    return (previous.get("split"), previous.get("examples"), previous.get("seed"),
+            list(previous.get("distances", ()))) == ("heldout", cfg.eval_examples, EVAL_SEED,
+                                                    sorted(set(cfg.eval_distances)))
+
+
+def _mean_table(tables: list[dict]) -> dict:
+    """The per-distance mean of exact-match tables {variant: {distance: value}} (one per seed)."""
+    return {variant: {d: sum(t[variant][d] for t in tables) / len(tables) for d in tables[0][variant]}
+            for variant in tables[0]}
+
+
+def _ablation(args, command: str) -> dict:
+    """Train with and without the controller for every seed, then evaluate each (and the controller-trained
+    one neutralised) on one held-out set; with --reuse, runs and evaluations already on disk are kept."""
+    out, adapters = Path(args.out), Path(args.adapters)
+    seeds = sorted(set(args.seeds))
     runs, files = {}, {}
-    for name, controller in (("noctrl", False), ("ctrl", True)):
-        files[name] = out.with_name(f"{stem}_{name}.json")
-        adapter = adapters / f"recall_{name}"
-        if args.reuse and files[name].is_file() and (adapter / "cortex.safetensors").is_file():
-            previous = json.loads(files[name].read_text())
-            if previous.get("config") == jsonable(asdict(_config_from(args, controller))):
-                runs[name] = previous
-                continue
-        runs[name] = _run_one(args, controller, files[name], adapter, command, evaluate=False)
+    for seed in seeds:
+        for name, controller in ABLATION_RUNS:
+            files[seed, name], adapter = ablation_paths(out, adapters, name, seed)
+            if args.reuse and files[seed, name].is_file() and (adapter / "cortex.safetensors").is_file():
+                previous = json.loads(files[seed, name].read_text())
+                if _same_config(previous.get("config"), _config_from(args, controller, seed)):
+                    runs[seed, name] = previous
+                    continue
+            runs[seed, name] = _run_one(args, controller, files[seed, name], adapter, command, evaluate=False,
+                                        seed=seed)
 
-    # one held-out eval set (the frozen base's work done once) for all three sidecars
-    from cortexlab.models import load_base_model
-
-    base, tokenizer = load_base_model()
+    # one held-out eval set (the frozen base's work done once) for every sidecar not yet evaluated
     cfg = _config_from(args, True)
-    heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
-    evals, eval_seconds, eval_set = {}, {}, None
-    for name in ("ctrl", "ctrl_neutralised", "noctrl"):
-        model = attach_cortex(base, _config_from(args, name != "noctrl").cortex_config())
-        model.load_cortex(adapters / f"recall_{name.removesuffix('_neutralised')}")
-        t0 = time.time()
-        if eval_set is None:
-            eval_set = RecallEvalSet(model, heldout, distances=cfg.eval_distances, examples=cfg.eval_examples,
-                                     batch_size=cfg.eval_batch_size, progress=not args.no_progress)
-            eval_seconds["eval_set"] = round(time.time() - t0, 1)
-            t0 = time.time()
-        if name == "ctrl_neutralised":
-            neutralise_controller_(model)
-        variants = ("sidecar", "reset", "base") if name == "ctrl" else ("sidecar", "reset")
-        evals[name] = evaluate_recall(model, eval_set, variants=variants, progress=not args.no_progress)
-        if name != "ctrl":   # the bare base model is the same for every sidecar: measured once
-            evals[name]["base"] = evals["ctrl"]["base"]
-        eval_seconds[name] = round(time.time() - t0, 1)
-        model.detach()
-    for name, run in runs.items():   # the per-run files and adapter cards get their evaluation
-        run["eval"], run["eval_seconds"] = evals[name], eval_seconds[name]
-        run["eval_set"] = eval_set.describe()
-        write_json_atomic(files[name], run)
-        card = adapters / f"recall_{name}" / "card.json"
-        write_json_atomic(card, _card(run, files[name]))
+    field = {"ctrl": "eval", "ctrl_neutralised": "eval_neutralised", "noctrl": "eval"}
+    evals, eval_seconds, todo, eval_set = {}, {}, [], None
+    for seed in seeds:
+        for name in field:
+            run = runs[seed, name.removesuffix("_neutralised")]
+            if args.reuse and run.get(field[name]) and _same_eval_set(run.get("eval_set"), cfg):
+                evals[seed, name] = run[field[name]]
+            else:
+                todo.append((seed, name))
+    bare = next((ev["base"] for ev in evals.values() if ev.get("base")), None)   # the same for every sidecar
+    if todo or bare is None:
+        from cortexlab.models import load_base_model
 
+        base, tokenizer = load_base_model()
+        heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
+        for seed, name in todo or [(seeds[0], "ctrl")]:   # nothing left but the bare model: measure it once
+            run_name = name.removesuffix("_neutralised")
+            model = attach_cortex(base, _config_from(args, name != "noctrl").cortex_config())
+            model.load_cortex(ablation_paths(out, adapters, run_name, seed)[1])
+            t0 = time.time()
+            if eval_set is None:
+                eval_set = RecallEvalSet(model, heldout, distances=cfg.eval_distances, examples=cfg.eval_examples,
+                                         batch_size=cfg.eval_batch_size, progress=not args.no_progress)
+                eval_seconds["eval_set"] = round(time.time() - t0, 1)
+                t0 = time.time()
+            if name == "ctrl_neutralised":
+                neutralise_controller_(model)
+            variants = ("sidecar", "reset") + (() if bare else ("base",)) if todo else ("base",)
+            ev = evaluate_recall(model, eval_set, variants=variants, progress=not args.no_progress)
+            bare = bare or ev["base"]
+            model.detach()
+            if todo:
+                evals[seed, name] = ev
+                eval_seconds[f"{name}_seed{seed}"] = round(time.time() - t0, 1)
+                run = runs[seed, run_name]
+                run["eval_set"], run[f"{field[name]}_seconds"] = eval_set.describe(), eval_seconds[f"{name}_seed{seed}"]
+    for (seed, name), ev in evals.items():   # every run file and adapter card gets its evaluation, bare model included
+        ev["base"] = bare
+        runs[seed, name.removesuffix("_neutralised")][field[name]] = ev
+    for (seed, name), run in runs.items():
+        write_json_atomic(files[seed, name], run)
+        write_json_atomic(ablation_paths(out, adapters, name, seed)[1] / "card.json", _card(run, files[seed, name]))
+
+    by_seed = {seed: {"controller_trained": _exact_table(evals[seed, "ctrl"]),
+                      "no_controller_trained": _exact_table(evals[seed, "noctrl"]),
+                      "controller_trained_neutralised_at_test": _exact_table(evals[seed, "ctrl_neutralised"])}
+               for seed in seeds}
+    first = runs[seeds[0], "ctrl"]
     combined = {
         "experiment": "controller ablation on recall across calls (frozen SmolLM2-135M-Instruct + one sidecar)",
         "command": command, "git": git_revision(), "environment": environment(),
-        "config": {name: run["config"] for name, run in runs.items()},
-        "seeds": runs["ctrl"]["seeds"],
+        "config": {name: runs[seeds[0], name]["config"] for name, _ in ABLATION_RUNS},
+        "seeds": {**first["seeds"], "init": seeds},
         "metric": "teacher-forced exact match of all answer digits (argmax at each of the 5 positions) on held-out "
                   "episodes (filler files, phrasings and seeds disjoint from training); distance = calls between "
                   "the fact call and the question call; 'base' = bare SmolLM2, 'reset' = sidecar with its memory "
-                  "emptied before the question call (both see only the question call for distance >= 1)",
-        "eval_set": eval_set.describe(),
-        "exact_match": {"controller_trained": _exact_table(evals["ctrl"]),
-                        "no_controller_trained": _exact_table(evals["noctrl"]),
-                        "controller_trained_neutralised_at_test": _exact_table(evals["ctrl_neutralised"]),
-                        "chance": 10.0 ** -cfg.key_digits},
-        "eval": evals,
-        "train_seconds": {name: run["train_seconds"] for name, run in runs.items()},
-        "filler_pool_seconds": {name: run.get("filler_pool_seconds") for name, run in runs.items()},
-        "eval_seconds": eval_seconds,
-        "curves": {name: [{k: h[k] for k in ("step", "calls", "loss", "exact_match", "seconds")}
-                          for h in run["history"]] for name, run in runs.items()},
-        "adapters": {name: run.get("adapter") for name, run in runs.items()},
-        "runs": {name: str(f) for name, f in files.items()},
+                  "emptied before the question call (both see only the question call for distance >= 1); "
+                  "exact_match is the mean over the seeds, exact_match_by_seed each seed's",
+        "eval_set": first["eval_set"] if eval_set is None else eval_set.describe(),
+        "exact_match": {**{reading: _mean_table([by_seed[seed][reading] for seed in seeds])
+                           for reading in by_seed[seeds[0]]}, "chance": 10.0 ** -cfg.key_digits},
+        "exact_match_by_seed": {str(seed): table for seed, table in by_seed.items()},
+        "eval": {f"{name}_seed{seed}": ev for (seed, name), ev in evals.items()},
+        "train_seconds": {f"{name}_seed{seed}": run["train_seconds"] for (seed, name), run in runs.items()},
+        "eval_seconds": {**eval_seconds, **{f"{name}_seed{seed}": runs[seed, name.removesuffix("_neutralised")].get(
+            f"{field[name]}_seconds") for seed in seeds for name in field}},
+        "curves": {f"{name}_seed{seed}": [{k: h[k] for k in ("step", "calls", "loss", "exact_match", "seconds")}
+                                          for h in run["history"]] for (seed, name), run in runs.items()},
+        "adapters": {f"{name}_seed{seed}": run.get("adapter") for (seed, name), run in runs.items()},
+        "runs": {f"{name}_seed{seed}": str(f) for (seed, name), f in files.items()},
     }
     write_json_atomic(out, combined)
     return combined
@@ -839,9 +889,12 @@ def add_cli(sub) -> None:
     p.set_defaults(run=run_cli)
     p = sub.add_parser("recall-ablation", help="the controller ablation: train with and without the controller")
     p.add_argument("--out", required=True, help="combined results JSON")
-    p.add_argument("--adapters", default="results/adapters", help="folder for recall_ctrl/ and recall_noctrl/")
+    p.add_argument("--adapters", default="results/adapters",
+                   help="folder for recall_ctrl/ and recall_noctrl/ (recall_ctrl_seedN/ ... for seeds other than 0)")
     p.add_argument("--reuse", action="store_true",
-                   help="reuse a variant's existing per-run results + adapter when its config matches")
+                   help="reuse a run's existing results + adapter (and its evaluation) when its config matches")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="train both variants once per seed (e.g. 0,1,2); --seed is ignored")
     _add_common(p)
     p.set_defaults(run=run_cli)
 
