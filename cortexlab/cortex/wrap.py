@@ -101,7 +101,7 @@ class CortexModel(nn.Module):
             # layer 0 reads the token embeddings: each token's entropy is computed once, then looked up
             self.token_entropy = TokenEntropyCache(base.get_input_embeddings(), self._final_norm, self._lm_head) \
                 if self.entropy_layer == 0 else None
-        self._hooks.append(base.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        self._hooks.append(base.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
         base._cortex_attached = True
 
     def detach(self) -> nn.Module:
@@ -123,7 +123,7 @@ class CortexModel(nn.Module):
                 "base_trainable": count(p for p in self.base.parameters() if p.requires_grad)}
 
     # ------------------------------------------------------------------ hooks
-    def _capture_mask(self, module, args, kwargs):
+    def _capture_inputs(self, module, args, kwargs):
         """Remember the 2D padding mask (None when there is no padding) and the input ids of this forward."""
         mask = kwargs.get("attention_mask")
         self._local.mask = mask.bool() if mask is not None and mask.dim() == 2 and not mask.all() else None

@@ -757,6 +757,9 @@ def _exact_table(ev: dict) -> dict:
 
 
 ABLATION_RUNS = (("noctrl", False), ("ctrl", True))
+# what is evaluated: reading -> (the run it reads, the field of that run's results that holds it)
+ABLATION_READINGS = {"ctrl": ("ctrl", "eval"), "ctrl_neutralised": ("ctrl", "eval_neutralised"),
+                     "noctrl": ("noctrl", "eval")}
 
 
 def ablation_paths(out: Path, adapters: Path, name: str, seed: int) -> tuple[Path, Path]:
@@ -804,45 +807,47 @@ def _ablation(args, command: str) -> dict:
 
     # one held-out eval set (the frozen base's work done once) for every sidecar not yet evaluated
     cfg = _config_from(args, True)
-    field = {"ctrl": "eval", "ctrl_neutralised": "eval_neutralised", "noctrl": "eval"}
-    evals, eval_seconds, todo, eval_set = {}, {}, [], None
+    evals, todo, eval_set, eval_set_seconds = {}, [], None, None
     for seed in seeds:
-        for name in field:
-            run = runs[seed, name.removesuffix("_neutralised")]
-            if args.reuse and run.get(field[name]) and _same_eval_set(run.get("eval_set"), cfg):
-                evals[seed, name] = run[field[name]]
+        for reading, (name, result_key) in ABLATION_READINGS.items():
+            run = runs[seed, name]
+            if args.reuse and run.get(result_key) and _same_eval_set(run.get("eval_set"), cfg):
+                evals[seed, reading] = run[result_key]
             else:
-                todo.append((seed, name))
+                todo.append((seed, reading))
     bare = next((ev["base"] for ev in evals.values() if ev.get("base")), None)   # the same for every sidecar
     if todo or bare is None:
         from cortexlab.models import load_base_model
 
         base, tokenizer = load_base_model()
         heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
-        for seed, name in todo or [(seeds[0], "ctrl")]:   # nothing left but the bare model: measure it once
-            run_name = name.removesuffix("_neutralised")
-            model = attach_cortex(base, _config_from(args, name != "noctrl").cortex_config())
-            model.load_cortex(ablation_paths(out, adapters, run_name, seed)[1])
-            t0 = time.time()
+        for seed, reading in todo or [(seeds[0], "ctrl")]:   # nothing left but the bare model: measure it once
+            name, result_key = ABLATION_READINGS[reading]
+            model = attach_cortex(base, _config_from(args, name == "ctrl").cortex_config())
+            model.load_cortex(ablation_paths(out, adapters, name, seed)[1])
             if eval_set is None:
+                t0 = time.time()
                 eval_set = RecallEvalSet(model, heldout, distances=cfg.eval_distances, examples=cfg.eval_examples,
                                          batch_size=cfg.eval_batch_size, progress=not args.no_progress)
-                eval_seconds["eval_set"] = round(time.time() - t0, 1)
-                t0 = time.time()
-            if name == "ctrl_neutralised":
+                eval_set_seconds = round(time.time() - t0, 1)
+            if reading == "ctrl_neutralised":
                 neutralise_controller_(model)
-            variants = ("sidecar", "reset") + (() if bare else ("base",)) if todo else ("base",)
+            if not todo:
+                variants = ("base",)
+            else:
+                variants = ("sidecar", "reset") if bare else ("sidecar", "reset", "base")
+            t0 = time.time()
             ev = evaluate_recall(model, eval_set, variants=variants, progress=not args.no_progress)
-            bare = bare or ev["base"]
             model.detach()
+            bare = bare or ev["base"]
             if todo:
-                evals[seed, name] = ev
-                eval_seconds[f"{name}_seed{seed}"] = round(time.time() - t0, 1)
-                run = runs[seed, run_name]
-                run["eval_set"], run[f"{field[name]}_seconds"] = eval_set.describe(), eval_seconds[f"{name}_seed{seed}"]
-    for (seed, name), ev in evals.items():   # every run file and adapter card gets its evaluation, bare model included
+                evals[seed, reading] = ev
+                run = runs[seed, name]
+                run["eval_set"], run[f"{result_key}_seconds"] = eval_set.describe(), round(time.time() - t0, 1)
+    for (seed, reading), ev in evals.items():   # every run file and adapter card gets its evaluation and the bare row
         ev["base"] = bare
-        runs[seed, name.removesuffix("_neutralised")][field[name]] = ev
+        name, result_key = ABLATION_READINGS[reading]
+        runs[seed, name][result_key] = ev
     for (seed, name), run in runs.items():
         write_json_atomic(files[seed, name], run)
         write_json_atomic(ablation_paths(out, adapters, name, seed)[1] / "card.json", _card(run, files[seed, name]))
@@ -868,8 +873,9 @@ def _ablation(args, command: str) -> dict:
         "exact_match_by_seed": {str(seed): table for seed, table in by_seed.items()},
         "eval": {f"{name}_seed{seed}": ev for (seed, name), ev in evals.items()},
         "train_seconds": {f"{name}_seed{seed}": run["train_seconds"] for (seed, name), run in runs.items()},
-        "eval_seconds": {**eval_seconds, **{f"{name}_seed{seed}": runs[seed, name.removesuffix("_neutralised")].get(
-            f"{field[name]}_seconds") for seed in seeds for name in field}},
+        "eval_seconds": {**({} if eval_set_seconds is None else {"eval_set": eval_set_seconds}),
+                         **{f"{reading}_seed{seed}": runs[seed, name].get(f"{result_key}_seconds")
+                            for seed in seeds for reading, (name, result_key) in ABLATION_READINGS.items()}},
         "curves": {f"{name}_seed{seed}": [{k: h[k] for k in ("step", "calls", "loss", "exact_match", "seconds")}
                                           for h in run["history"]] for (seed, name), run in runs.items()},
         "adapters": {f"{name}_seed{seed}": run.get("adapter") for (seed, name), run in runs.items()},
