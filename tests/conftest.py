@@ -2,6 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cortexlab.cortex import CortexWrapConfig, attach_cortex
+from cortexlab.models import tiny_model
+
 
 def rrmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative root-mean-square error ||actual - expected|| / ||expected||."""
@@ -55,3 +58,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_cortex(tokenizer, controller=True, layers=(1,), seed=0, init_range=0.02, **overrides):
+    """A 3-layer tiny Llama with a small sidecar (on layer 1 by default) for `tokenizer`'s vocabulary."""
+    base = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=3, seed=seed, initializer_range=init_range)
+    torch.manual_seed(seed)
+    cfg = CortexWrapConfig(layers=list(layers), rank_fast=16, num_heads=2, controller=controller, **overrides)
+    return attach_cortex(base, cfg)
+
+
+def randomise_(model, controller=True):
+    """A non-trivial sidecar: random output projection (and controller), so memory shows in the logits."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.sidecars.values():
+            block.out_proj.weight.copy_(torch.randn(block.out_proj.weight.shape, generator=gen) * 0.5)
+            ctrl = block.gdn.controller
+            if controller and ctrl is not None:
+                for p in (ctrl.write, ctrl.forget, ctrl.consolidate, ctrl.slow_read):
+                    p.copy_(torch.randn(p.shape, generator=gen))
+    return model

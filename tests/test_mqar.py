@@ -34,6 +34,28 @@ def test_layout_follows_zoology():
     assert labels[row, t] == inputs[row, j + 1]
 
 
+def test_conflicts_rebind_keys_and_the_queries_ask_for_the_first_binding():
+    task = MQARTask(vocab_size=64, seq_len=64, num_pairs=8, conflicts=3)
+    inputs, labels = task.sample(200, seed=5)
+    second = task.conflicting_values(inputs, labels)
+    P, R = 8, 3
+    for x, y, s in zip(inputs.tolist(), labels.tolist(), second.tolist()):
+        keys, values = x[0:2 * P:2], x[1:2 * P:2]
+        again, new_values = x[2 * P:2 * (P + R):2], x[2 * P + 1:2 * (P + R):2]
+        assert len(set(again)) == R and set(again) <= set(keys)                  # R of the keys, once each
+        assert len(set(values + new_values)) == P + R                            # values never reused
+        answers = [t for t, label in enumerate(y) if label != IGNORE]
+        assert len(answers) == P and all(t >= 2 * (P + R) for t in answers)
+        assert all(y[t] == dict(zip(keys, values))[x[t]] for t in answers)       # the first binding
+        assert [t for t, v in enumerate(s) if v != IGNORE] == [t for t in answers if x[t] in again]
+        assert all(s[t] == dict(zip(again, new_values))[x[t]] for t in answers if x[t] in again)
+    # without conflicts the generator draws exactly what it always drew, and nothing is conflicted
+    plain = MQARTask(vocab_size=64, seq_len=64, num_pairs=8)
+    inputs, labels = plain.sample(50, seed=5)
+    check_structure(plain, inputs, labels)
+    assert (plain.conflicting_values(inputs, labels) == IGNORE).all()
+
+
 def test_fillers_are_uniform_over_the_whole_vocabulary():
     task = MQARTask(vocab_size=32, seq_len=128, num_pairs=4)
     inputs, labels = task.sample(400, seed=0)
@@ -107,6 +129,10 @@ def test_chance_level():
     ({"power_a": 1.5}, "power_a"),
     ({"num_pairs": 0}, "num_pairs"),
     ({"seq_len": 2.5}, "seq_len"),
+    ({"num_pairs": 4, "conflicts": 5, "seq_len": 64}, "conflicts"),
+    ({"num_pairs": 4, "conflicts": -1, "seq_len": 64}, "conflicts"),
+    ({"num_pairs": 16, "conflicts": 8, "seq_len": 64}, "seq_len"),        # 2(P+R) + P slots need L >= 64 + 32
+    ({"vocab_size": 40, "num_pairs": 16, "conflicts": 8, "seq_len": 128}, "vocab_size"),   # P + R values
 ])
 def test_impossible_settings_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):

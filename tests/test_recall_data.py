@@ -46,6 +46,23 @@ def test_layout_and_labels_only_at_the_answer(tasks, num_calls):
         assert all("pass key" not in t for t in texts[1:-1])             # filler only in between
 
 
+def test_conflict_batch_gives_a_second_key_in_call_two_and_asks_for_the_first(tasks):
+    task = tasks["heldout"]
+    batch, plain = task.conflict_batch(4, 5, seed=2), task.batch(4, 5, seed=2)
+    # the same episodes as the plain batch, but call 2 now states another key in a fact phrasing of the split
+    assert torch.equal(batch.input_ids[:, [0, 2, 3]], plain.input_ids[:, [0, 2, 3]]) and batch.keys == plain.keys
+    assert torch.equal(batch.answer, plain.answer) and torch.equal(batch.labels, plain.labels)
+    for b, key in enumerate(batch.keys):
+        second = "".join(str(t - 32) for t in batch.second[b].tolist())
+        assert second != key and len(second) == task.key_digits
+        text = task.tokenizer.decode(batch.input_ids[b, 1])
+        assert second in text and any(t.format(key=second) in text for t in task.fact_templates)
+    assert torch.equal(batch.to("cpu").second, batch.second)
+    assert torch.equal(task.conflict_batch(4, 5, seed=2).input_ids, batch.input_ids)
+    with pytest.raises(ValueError, match="num_calls"):
+        task.conflict_batch(2, 5, seed=2)
+
+
 def test_deterministic_and_seeded_per_split(tasks, tokenizer):
     a = tasks["train"].batch(3, 4, seed=7)
     again = RecallTask(tokenizer, "train", max_filler_chars=CHARS).batch(3, 4, seed=7)

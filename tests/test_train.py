@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.data import RecallTask
-from cortexlab.models import default_model_path, tiny_model
+from cortexlab.models import default_model_path
+from conftest import randomise_, tiny_cortex
+
 from cortexlab.train import (
     RecallEvalSet,
     RecallTrainConfig,
@@ -36,26 +37,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def task(tokenizer):
     return RecallTask(tokenizer, "train", max_filler_chars=CHARS)
-
-
-def tiny_cortex(tokenizer, controller=True, layers=(1,), seed=0, init_range=0.02, **overrides):
-    base = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=3, seed=seed, initializer_range=init_range)
-    torch.manual_seed(seed)
-    cfg = CortexWrapConfig(layers=list(layers), rank_fast=16, num_heads=2, controller=controller, **overrides)
-    return attach_cortex(base, cfg)
-
-
-def randomise_(model, controller=True):
-    """A non-trivial sidecar: random output projection (and controller), so memory shows in the logits."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for block in model.sidecars.values():
-            block.out_proj.weight.copy_(torch.randn(block.out_proj.weight.shape, generator=gen) * 0.5)
-            ctrl = block.gdn.controller
-            if controller and ctrl is not None:
-                for p in (ctrl.write, ctrl.forget, ctrl.consolidate, ctrl.slow_read):
-                    p.copy_(torch.randn(p.shape, generator=gen))
-    return model
 
 
 @pytest.mark.parametrize("controller, overrides", [(True, {}), (True, {"entropy_layer": 0}), (False, {})])

@@ -1,7 +1,7 @@
 """cortexlab.train.mqar: causal mixers, state sizes, a learned recall effect and the grid recipe's JSON."""
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -14,10 +14,12 @@ from cortexlab.train.mqar import (
     MQARModel,
     MQARModelConfig,
     MQARTrainConfig,
+    _config_key,
     evaluate_mqar,
     mqar_grid,
     train_mqar,
 )
+from cortexlab.train.common import jsonable
 
 
 def random_model(mixer: str, seed: int = 0, **kw) -> MQARModel:
@@ -136,10 +138,20 @@ def test_grid_covers_both_sweeps_once():
 
 @pytest.mark.parametrize("kwargs, name", [({"mixer": "mamba"}, "mixer"), ({"d_model": 30, "num_heads": 4}, "d_model"),
                                           ({"mixer": "attention", "head_dim": 7}, "head_dim"),
-                                          ({"window_size": 1, "mixer": "hybrid"}, "window_size")])
+                                          ({"window_size": 1, "mixer": "hybrid"}, "window_size"),
+                                          ({"mixer": "attention", "controller": True}, "controller")])
 def test_bad_model_settings_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MQARModelConfig(**kwargs)
+
+
+def test_results_saved_before_a_config_field_existed_still_match_on_resume():
+    """Fields added later (layers, controller, the task's conflicts) count at their defaults, which is what ran."""
+    cfg = jsonable(asdict(TINY))
+    old = json.loads(json.dumps(cfg))
+    del old["num_layers"], old["controller"], old["task"]["conflicts"]
+    assert _config_key(old) == _config_key(cfg)
+    assert _config_key(old) != _config_key(jsonable(asdict(replace(TINY, controller=True))))
 
 
 def test_bad_train_settings_raise():

@@ -142,6 +142,15 @@ class MetacognitiveController(nn.Module):
         self.slow_decay_logit = nn.Parameter(torch.full((num_heads,), SLOW_DECAY_LOGIT))
         self.slow_read = nn.Parameter(torch.zeros(num_heads))                 # r_h: slow memory starts unread
 
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Back to the neutral start, in place: no modulation and the slow memory unread, so the memory computes
+        exactly what it computes without a controller (the consolidation bias and slow decay return to their
+        initial values too, though they no longer matter once the slow memory is unread)."""
+        for p in (self.write, self.forget, self.consolidate, self.consolidate_bias, self.slow_read):
+            p.zero_()
+        self.slow_decay_logit.fill_(SLOW_DECAY_LOGIT)
+
     @staticmethod
     def signals(surprise: torch.Tensor, entropy: torch.Tensor | None) -> torch.Tensor:
         """f_t [B, T, H, 2] from surprise [B,T,H] and entropy [B,T] (None: zero, e.g. no LM head)."""
@@ -158,3 +167,12 @@ class MetacognitiveController(nn.Module):
     def slow_gate(self, like: torch.Tensor) -> torch.Tensor:
         """g^s = -softplus(z_h): the slow memory's log decay per head, broadcast to [B, T, H]."""
         return (-F.softplus(self.slow_decay_logit)).expand_as(like)
+
+
+def neutralise_controller_(model: nn.Module) -> int:
+    """`reset_` every metacognitive controller inside `model` (a wrapped LM, a sidecar, any module): the model then
+    keeps all its other trained weights and computes what it would without controllers. Returns how many."""
+    controllers = [m for m in model.modules() if isinstance(m, MetacognitiveController)]
+    for controller in controllers:
+        controller.reset_()
+    return len(controllers)

@@ -11,6 +11,12 @@ with the value bound to that key:
     x[2P + 2 gap_j] = k_j,  label[2P + 2 gap_j] = v_j   (the answer is the next token)
     every other position after the block: a uniform random token from [0, V); its label -100.
 
+With `conflicts` = R > 0, R of the P keys (chosen at random) are bound a second time right after the block, to
+values the row has not used, and the queries still ask for the *first* binding (write protection: a memory must
+refuse to overwrite what it already holds, which a gate that sees one token at a time cannot decide):
+
+    x[2P + 2i] = k_{c_i},  x[2P + 2i + 1] = v'_i   (i < R, the conflicting block)   S = (L - 2P - 2R) // 2
+
 Labels are aligned with the inputs (the logits at position t are scored against label[t]).
 Sampling without replacement uses the Gumbel-top-k trick (the top P of log p_i + Gumbel noise),
 which has the distribution of drawing the gaps one by one (numpy's `choice(replace=False, p=..)`).
@@ -39,23 +45,31 @@ class MQARTask:
     seq_len: int = 256
     num_pairs: int = 16
     power_a: float = 0.01
+    conflicts: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "num_pairs"):
             check_int(name, getattr(self, name))
+        check_int("conflicts", self.conflicts, 0)
+        if self.conflicts > self.num_pairs:
+            raise ValueError(f"conflicts={self.conflicts} cannot exceed num_pairs={self.num_pairs}")
         check_number("power_a", self.power_a, 0, 1, low_open=True)   # 1: uniform gaps
         if self.num_pairs > self.vocab_size // 2:
             raise ValueError(f"num_pairs={self.num_pairs} distinct keys need vocab_size >= {2 * self.num_pairs}, "
                              f"got vocab_size={self.vocab_size}")
+        if self.num_pairs + self.conflicts > self.vocab_size - self.vocab_size // 2:
+            raise ValueError(f"num_pairs + conflicts = {self.num_pairs + self.conflicts} distinct values need "
+                             f"vocab_size >= {2 * (self.num_pairs + self.conflicts)}, got {self.vocab_size}")
         if self.query_slots < self.num_pairs:
-            raise ValueError(f"seq_len={self.seq_len} holds the key-value block (2 * num_pairs = {2 * self.num_pairs}) "
+            block = 2 * (self.num_pairs + self.conflicts)
+            raise ValueError(f"seq_len={self.seq_len} holds the key-value blocks ({block} tokens) "
                              f"and {self.query_slots} query slots, fewer than num_pairs={self.num_pairs}; "
-                             f"need seq_len >= 4 * num_pairs = {4 * self.num_pairs}")
+                             f"need seq_len >= {block + 2 * self.num_pairs}")
 
     @property
     def query_slots(self) -> int:
-        """S = (L - 2P) // 2: the even positions after the key-value block where a query may sit."""
-        return (self.seq_len - 2 * self.num_pairs) // 2
+        """S = (L - 2P - 2R) // 2: the even positions after the key-value blocks where a query may sit."""
+        return (self.seq_len - 2 * (self.num_pairs + self.conflicts)) // 2
 
     def gap_probs(self) -> torch.Tensor:
         """p(gap = i) ~ (i + 1)^(a - 1), i < S (float64, sums to 1)."""
@@ -72,20 +86,34 @@ class MQARTask:
         return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
 
     def _block(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        V, L, P, half = self.vocab_size, self.seq_len, self.num_pairs, self.vocab_size // 2
-        # P distinct keys and values per row: the first P of a random order of each half
+        V, L, P, R, half = self.vocab_size, self.seq_len, self.num_pairs, self.conflicts, self.vocab_size // 2
+        # P distinct keys and P + R distinct values per row: the first of a random order of each half
         keys = torch.rand(n, half, generator=generator).argsort(dim=1)[:, :P]
-        values = half + torch.rand(n, V - half, generator=generator).argsort(dim=1)[:, :P]
+        values = half + torch.rand(n, V - half, generator=generator).argsort(dim=1)[:, :P + R]
+        values, second = values[:, :P], values[:, P:]
         # P distinct gaps per row, drawn by the power law (Gumbel-top-k)
         gumbel = -torch.log(-torch.log(torch.rand(n, self.query_slots, generator=generator, dtype=torch.float64)))
         gaps = (self.gap_probs().log() + gumbel).topk(P, dim=1).indices
         inputs = torch.randint(V, (n, L), generator=generator)
         labels = torch.full((n, L), IGNORE, dtype=torch.int64)
         inputs[:, 0:2 * P:2], inputs[:, 1:2 * P:2] = keys, values
-        query_pos = 2 * P + 2 * gaps
+        if R:   # drawn last, so that a task without conflicts samples exactly what it did before they existed
+            rebound = torch.rand(n, P, generator=generator).argsort(dim=1)[:, :R]
+            inputs[:, 2 * P:2 * (P + R):2], inputs[:, 2 * P + 1:2 * (P + R):2] = keys.gather(1, rebound), second
+        query_pos = 2 * (P + R) + 2 * gaps
         inputs.scatter_(1, query_pos, keys)
         labels.scatter_(1, query_pos, values)
         return inputs, labels
+
+    def conflicting_values(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[n, L] int64 from `sample`'s output: at each answer position whose key was bound a second time, the
+        value of that second (conflicting) binding; IGNORE elsewhere."""
+        P, R = self.num_pairs, self.conflicts
+        rebound_keys = inputs[:, 2 * P:2 * (P + R):2, None]                  # [n, R, 1]
+        second = inputs[:, 2 * P + 1:2 * (P + R):2, None]
+        match = (inputs[:, None, :] == rebound_keys) & (labels != IGNORE)[:, None, :]    # [n, R, L]
+        found = torch.where(match, second, 0).sum(1)                          # keys are distinct: <= 1 match
+        return torch.where(match.any(1), found, IGNORE)
 
 
 def split_seed(split: str, seed: int, index: int = 0) -> int:

@@ -8,6 +8,8 @@ One episode of N calls, each exactly `call_tokens` tokens long:
     calls 2..N-1 [filler ...]                                                     (real text only)
     call N       [filler ...][ What is the pass key? The pass key is][ ][4][0][2][1][3]
 
+`conflict_batch` puts a second fact with another key in call 2: the answer stays the first key.
+
 The *distance* of an episode is N - 1, the number of calls between the fact and the
 question (N = 1 puts fact and question in one call: the in-context reference). Labels are
 -100 everywhere except at the answer's digits, which are the last `key_digits` tokens of
@@ -143,7 +145,8 @@ class RecallBatch:
 
     input_ids, labels: [B, N, T] (call c of example b is input_ids[b, c]); labels are -100
     except at the answer digits, the last A tokens of the last call. answer: [B, A], those
-    digits' token ids. keys: the pass keys as strings.
+    digits' token ids. keys: the pass keys as strings. second: in a `conflict_batch`, [B, A]
+    the digits of the conflicting key given in call 2 (None otherwise).
     """
 
     input_ids: torch.Tensor
@@ -152,6 +155,7 @@ class RecallBatch:
     keys: list[str]
     split: str
     seed: int
+    second: torch.Tensor | None = None
 
     @property
     def num_calls(self) -> int:
@@ -164,7 +168,8 @@ class RecallBatch:
 
     def to(self, device) -> RecallBatch:
         return RecallBatch(self.input_ids.to(device), self.labels.to(device), self.answer.to(device),
-                           self.keys, self.split, self.seed)
+                           self.keys, self.split, self.seed,
+                           None if self.second is None else self.second.to(device))
 
 
 class RecallTask:
@@ -294,3 +299,26 @@ class RecallTask:
         labels = torch.full_like(input_ids, -100)
         labels[:, -1, self.call_tokens - self.key_digits:] = answer
         return RecallBatch(input_ids, labels, answer, keys, self.split, seed)
+
+    def conflict_batch(self, num_calls: int, batch_size: int, seed: int) -> RecallBatch:
+        """Episodes with a conflicting fact: call 1 gives key A, call 2 another key B in a fact phrasing of the
+        same split (at a random place, filler around it), calls 3..N-1 filler, and call N asks for the pass key,
+        whose answer is A: the first key given counts. Call 2 reads exactly like call 1, so only a memory that
+        compares it with what it holds can tell the two apart. `second` holds B's digits. Needs num_calls >= 3;
+        determined by (split, seed, num_calls, batch_size)."""
+        check_int("num_calls", num_calls, 3)
+        plain = self.batch(num_calls, batch_size, seed)
+        rng = random.Random(f"cortexlab.recall.conflict/{self.split}/{seed}/{num_calls}/{batch_size}/"
+                            f"{self.call_tokens}")
+        T, second = self.call_tokens, []
+        for b, key in enumerate(plain.keys):
+            other = key
+            while other == key:
+                other = str(rng.randrange(10 ** self.key_digits)).zfill(self.key_digits)
+            fact = self._encode(rng.choice(self.fact_templates).format(key=other))
+            before = rng.randint(0, T - len(fact))
+            call = self._filler(rng, before) + fact + self._filler(rng, T - len(fact) - before)
+            plain.input_ids[b, 1] = torch.tensor(call)
+            second.append([self.digit_ids[int(c)] for c in other])
+        plain.second = torch.tensor(second, dtype=torch.int64)
+        return plain

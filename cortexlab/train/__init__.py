@@ -2,10 +2,13 @@
 
 - `recall`: a Cortex sidecar on frozen SmolLM2 learns to carry a pass key across calls, and the
   controller ablation ("recall", "recall-ablation").
+- `recall_conflicts`: the controller ablation on SmolLM2 when a later call gives a conflicting key
+  ("recall-conflicts").
 - `lm`: NeuroLlama trained from scratch on the standard library's sources, and the mechanism
   ablation ("neuro-lm", "neuro-ablation").
 - `longtext`: E3, a sidecar trained on long stdlib text read in segments; loss by token position.
 - `mqar`: E1, multi-query associative recall with small models trained from scratch.
+- `conflicts`: the metacognitive controller's ablation on MQAR with conflicting re-bindings ("controller-ablation").
 - `common`: atomic result and checkpoint writes, the git revision and environment recorded with results.
 """
 import importlib

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import lm, longtext, mqar, recall, smollm2_exits
+from . import conflicts, lm, longtext, mqar, recall, recall_conflicts, smollm2_exits
 
 
 def main(argv=None) -> int:
@@ -15,9 +15,11 @@ def main(argv=None) -> int:
                                      description="Train and evaluate: Cortex recall across calls, NeuroLlama on text.")
     sub = parser.add_subparsers(dest="recipe", required=True)
     recall.add_cli(sub)
+    recall_conflicts.add_cli(sub)
     lm.add_cli(sub)
     smollm2_exits.add_cli(sub)
     mqar.add_cli(sub)
+    conflicts.add_cli(sub)
     longtext.add_cli(sub)
     args = parser.parse_args(argv)
     if args.threads:

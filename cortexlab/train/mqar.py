@@ -77,10 +77,13 @@ class MQARModelConfig:
     mlp_ratio: int = 2
     window_size: int = 32
     rope_theta: float = 10_000.0
+    controller: bool = False
 
     def __post_init__(self):
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.controller and self.mixer not in ("gdn", "hybrid"):
+            raise ValueError(f"controller needs a memory mixer ('gdn' or 'hybrid'), got mixer={self.mixer!r}")
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "mlp_ratio", "window_size"):
             check_int(name, getattr(self, name))
         if self.head_dim is None and self.d_model % self.num_heads:
@@ -130,13 +133,14 @@ class Attention(nn.Module):
 
 
 class CortexMixer(nn.Module):
-    """The sidecar's `HybridCortexBlock` as a plain mixer: the GDN core alone, or GDN + window ("hybrid")."""
+    """The sidecar's `HybridCortexBlock` as a plain mixer: the GDN core alone, or GDN + window ("hybrid"), with or
+    without its metacognitive controller (here driven by the memory's surprise alone: no base model, no entropy)."""
 
     def __init__(self, cfg: MQARModelConfig):
         super().__init__()
         self.block = HybridCortexBlock(cfg.d_model, CortexWrapConfig(
             rank_fast=cfg.dim, num_heads=cfg.num_heads, use_hybrid=cfg.mixer == "hybrid",
-            window_size=cfg.window_size, controller=False))
+            window_size=cfg.window_size, controller=cfg.controller))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)[0]
@@ -222,6 +226,8 @@ class MQARTrainConfig:
     num_heads: int = 2
     head_dim: int | None = None
     window_size: int = 32
+    num_layers: int = 2
+    controller: bool = False
     steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
@@ -255,7 +261,8 @@ class MQARTrainConfig:
 
     def model_config(self) -> MQARModelConfig:
         return MQARModelConfig(mixer=self.mixer, vocab_size=self.task.vocab_size, d_model=self.d_model,
-                               num_heads=self.num_heads, head_dim=self.head_dim, window_size=self.window_size)
+                               num_heads=self.num_heads, head_dim=self.head_dim, window_size=self.window_size,
+                               num_layers=self.num_layers, controller=self.controller)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then cosine decay from lr to min_lr_ratio * lr at the last step."""
@@ -417,7 +424,10 @@ def _train_without_model(cfg: MQARTrainConfig, progress: bool = False, accelerat
 
 
 def _config_key(config: dict) -> str:
-    return json.dumps(config, sort_keys=True)
+    """The config as a key, with the fields added since it was saved at their defaults (which is what it ran)."""
+    defaults = jsonable(asdict(MQARTrainConfig()))
+    full = {**defaults, **config, "task": {**defaults["task"], **config.get("task", {})}}
+    return json.dumps(full, sort_keys=True)
 
 
 def _key(config: dict, revision: int) -> str:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from cortexlab.checks import check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
-from cortexlab.cortex.controller import SLOW_DECAY_LOGIT, predictive_entropy
+from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
 from cortexlab.data.recall import FILLERS, RecallBatch, RecallTask
 
@@ -444,28 +444,6 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
                                            "examples": n}
     results["chance"] = {"exact_match": 10.0 ** -A, "digit_accuracy": 0.1}
     return results
-
-
-def neutralise_controller_(model) -> int:
-    """Set every sidecar's metacognitive controller back to its neutral initial values, in place.
-
-    write / forget / consolidate weights -> 0, slow-memory read r_h -> 0 (and the
-    consolidation bias and slow decay to their initial values, which no longer matter once
-    the slow memory is unread). The sidecar then computes exactly what it computes without
-    a controller (the controller's own test), with the rest of its trained weights.
-    Returns the number of controllers changed.
-    """
-    changed = 0
-    for block in _unwrap(model).sidecars.values():
-        ctrl = block.gdn.controller
-        if ctrl is None:
-            continue
-        with torch.no_grad():
-            for p in (ctrl.write, ctrl.forget, ctrl.consolidate, ctrl.consolidate_bias, ctrl.slow_read):
-                p.zero_()
-            ctrl.slow_decay_logit.fill_(SLOW_DECAY_LOGIT)
-        changed += 1
-    return changed
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,3 +65,27 @@ def accuracy_by_distance_figure(curves: Mapping[str, Mapping], *, title: str | N
                       yaxis_title="exact match", yaxis_range=[-0.02, 1.02],
                       title=title or "recall across calls")
     return fig
+
+
+def conflicts_figure(runs: Sequence[Mapping], *, chance: float | None = None, title: str | None = None) -> go.Figure:
+    """Held-out accuracy on conflicted and clean queries per variant of the conflicts ablation
+    (`cortexlab.train.conflicts`): one bar per variant and query kind at the mean over seeds, every seed a dot."""
+    rows = {}
+    for run in runs:
+        rows.setdefault(run["variant"], []).append(run["accuracy"])
+        if "neutralised" in run:
+            rows.setdefault(f"{run['variant']}, neutralised at test", []).append(run["neutralised"]["accuracy"])
+    fig = go.Figure()
+    for kind, colour in (("conflicted", "#d62728"), ("clean", "#1f77b4")):
+        names = list(rows)
+        fig.add_trace(go.Bar(x=names, y=[sum(a[kind] for a in rows[n]) / len(rows[n]) for n in names],
+                             name=f"{kind} queries (mean)", marker_color=colour, opacity=0.6,
+                             offsetgroup=kind))
+        fig.add_trace(go.Scatter(x=[n for n in names for _ in rows[n]], y=[a[kind] for n in names for a in rows[n]],
+                                 mode="markers", name=f"{kind}, each seed", marker={"color": colour, "size": 7},
+                                 offsetgroup=kind, showlegend=True))
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", annotation_text="chance")
+    fig.update_layout(barmode="group", scattermode="group", yaxis_range=[0, 1.02], yaxis_title="held-out accuracy",
+                      title=title or "keep the first binding: accuracy by variant")
+    return fig
