@@ -49,11 +49,18 @@ def test_conflicts_rebind_keys_and_the_queries_ask_for_the_first_binding():
         assert all(y[t] == dict(zip(keys, values))[x[t]] for t in answers)       # the first binding
         assert [t for t, v in enumerate(s) if v != IGNORE] == [t for t in answers if x[t] in again]
         assert all(s[t] == dict(zip(again, new_values))[x[t]] for t in answers if x[t] in again)
-    # without conflicts the generator draws exactly what it always drew, and nothing is conflicted
+    # without conflicts the generator draws exactly what it drew before they existed (taken from that revision),
+    # and nothing is conflicted
     plain = MQARTask(vocab_size=64, seq_len=64, num_pairs=8)
-    inputs, labels = plain.sample(50, seed=5)
+    inputs, labels = plain.sample(3, seed=5)
     check_structure(plain, inputs, labels)
+    assert inputs[:, :12].tolist() == [[8, 48, 22, 37, 18, 52, 12, 39, 25, 38, 5, 42],
+                                       [0, 59, 10, 61, 5, 41, 25, 38, 29, 44, 28, 34],
+                                       [30, 47, 21, 46, 0, 55, 5, 49, 26, 53, 22, 52]]
+    assert labels.sum(1).tolist() == [-5243, -5237, -5208]
     assert (plain.conflicting_values(inputs, labels) == IGNORE).all()
+    with pytest.raises(ValueError, match="labels"):
+        task.conflicting_values(inputs, labels[:, :10])
 
 
 def test_fillers_are_uniform_over_the_whole_vocabulary():

@@ -8,7 +8,7 @@ with the value bound to that key:
     x[2j] = k_j,  x[2j+1] = v_j                        (the key-value block, positions 0..2P-1)
     gap_j in {0, .., S-1},  S = (L - 2P) // 2,  drawn without replacement with
         p(gap = i) ~ (i + 1)^(a - 1)                   (a = 0.01: near queries are far more likely)
-    x[2P + 2 gap_j] = k_j,  label[2P + 2 gap_j] = v_j   (the answer is the next token)
+    x[2P + 2 gap_j] = k_j,  label[2P + 2 gap_j] = v_j   (the answer is the next token; 2(P + R) with conflicts)
     every other position after the block: a uniform random token from [0, V); its label -100.
 
 With `conflicts` = R > 0, R of the P keys (chosen at random) are bound a second time right after the block, to
@@ -59,7 +59,8 @@ class MQARTask:
                              f"got vocab_size={self.vocab_size}")
         if self.num_pairs + self.conflicts > self.vocab_size - self.vocab_size // 2:
             raise ValueError(f"num_pairs + conflicts = {self.num_pairs + self.conflicts} distinct values need "
-                             f"vocab_size >= {2 * (self.num_pairs + self.conflicts)}, got {self.vocab_size}")
+                             f"vocab_size - vocab_size // 2 >= {self.num_pairs + self.conflicts} (the value half), "
+                             f"got vocab_size={self.vocab_size}")
         if self.query_slots < self.num_pairs:
             block = 2 * (self.num_pairs + self.conflicts)
             raise ValueError(f"seq_len={self.seq_len} holds the key-value blocks ({block} tokens) "
@@ -108,6 +109,9 @@ class MQARTask:
     def conflicting_values(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[n, L] int64 from `sample`'s output: at each answer position whose key was bound a second time, the
         value of that second (conflicting) binding; IGNORE elsewhere."""
+        if inputs.shape != labels.shape or inputs.dim() != 2:
+            raise ValueError(f"inputs and labels must be [n, L] of one shape, got {tuple(inputs.shape)} and "
+                             f"{tuple(labels.shape)}")
         P, R = self.num_pairs, self.conflicts
         rebound_keys = inputs[:, 2 * P:2 * (P + R):2, None]                  # [n, R, 1]
         second = inputs[:, 2 * P + 1:2 * (P + R):2, None]

@@ -309,7 +309,7 @@ class RecallTask:
         check_int("num_calls", num_calls, 3)
         plain = self.batch(num_calls, batch_size, seed)
         rng = random.Random(f"cortexlab.recall.conflict/{self.split}/{seed}/{num_calls}/{batch_size}/"
-                            f"{self.call_tokens}")
+                            f"{self.call_tokens}" + ("" if self.filler == "stdlib" else f"/{self.filler}"))
         T, second = self.call_tokens, []
         for b, key in enumerate(plain.keys):
             other = key

@@ -19,8 +19,9 @@ Variants, per seed, trained on the same batches for the same steps (`train_mqar`
     "gdn+controller"   the same layer with the controller
     "gdn_2layers"      two GDN layers, no controller: can depth learn the check instead?
 Readings on held-out sequences: accuracy on conflicted and on clean queries, how often a conflicted query gets the
-second (conflicting) value, the mean beta and surprise at first vs conflicting value tokens per layer and, for the
-controller variant, the same model with its controller reset to neutral (`neutralise_controller_`).
+second (conflicting) value (each run's "accuracy" is this dict; `train_mqar`'s single number is its "all"), the mean
+beta and surprise at first vs conflicting value tokens per layer and, for the controller variant, the same model
+with its controller reset to neutral (`neutralise_controller_`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from cortexlab.cortex import neutralise_controller_
 from cortexlab.data.mqar import IGNORE, MQARTask, chance_accuracy, split_seed
 
 from .common import environment, git_revision, jsonable, publish_dir_atomic, write_json_atomic
-from .mqar import MQARModel, MQARModelConfig, MQARTrainConfig, _config_key, train_mqar
+from .mqar import MODEL_REVISION, MQARModel, MQARModelConfig, MQARTrainConfig, _key, train_mqar
 
 __all__ = ["VARIANTS", "conflict_accuracy", "load_model", "summarise", "train_conflict_ablation", "write_strengths"]
 
@@ -54,9 +55,10 @@ def conflict_accuracy(model: MQARModel, task: MQARTask, inputs: torch.Tensor, la
     check_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     counts = dict.fromkeys(("conflicted", "clean", "second", "n_conflicted", "n_clean"), 0)
     for s in range(0, len(inputs), batch_size):
-        ids, lab = inputs[s:s + batch_size], labels[s:s + batch_size]
+        ids, lab = inputs[s:s + batch_size].to(device), labels[s:s + batch_size].to(device)
         second = task.conflicting_values(ids, lab)
         pred = model(ids).argmax(-1)
         conflicted, clean = second != IGNORE, (lab != IGNORE) & (second == IGNORE)
@@ -75,16 +77,18 @@ def conflict_accuracy(model: MQARModel, task: MQARTask, inputs: torch.Tensor, la
 
 @torch.no_grad()
 def write_strengths(model: MQARModel, task: MQARTask, inputs: torch.Tensor) -> list[dict]:
-    """Per layer and head, the mean write strength beta at the value tokens of first bindings and of conflicting
-    ones (over sequences) and, with a controller, its surprise there and beta_slow, the strength of the write into
-    its slow memory: {"first": {"beta": [per head], ...}, "conflicting": {...}} per layer."""
+    """Per layer and head, the mean write strength beta at the value tokens of first bindings (all P of them) and
+    of conflicting ones (over sequences) and, with a controller, its surprise there and beta_slow, the strength of
+    the write into its slow memory: {"first": {"beta": [per head], ...}, "conflicting": {...}} per layer."""
+    if task.conflicts == 0:
+        raise ValueError("task.conflicts must be > 0: without conflicting bindings there is nothing to compare")
     traces = []
     hooks = [layer.mixer.block.gdn.register_forward_hook(lambda _m, _a, out: traces.append(out[2]))
              for layer in model.layers]
     was_training = model.training
     model.eval()
     try:
-        model(inputs)
+        model(inputs.to(next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -114,14 +118,14 @@ def train_conflict_ablation(base: MQARTrainConfig, seeds, variants=tuple(VARIANT
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"variants: unknown {unknown}; valid: {', '.join(VARIANTS)}")
-    finished = {_config_key(r["config"]): r for r in done}
+    finished = {_key(r["config"], r.get("model_revision", 1)): r for r in done}
     results = []
     for seed in seeds:
         test_inputs, test_labels = base.task.sample(base.test_size, split_seed("test", seed))
         for name in variants:
             layers, controller = VARIANTS[name]
             cfg = replace(base, seed=seed, num_layers=layers, controller=controller, mixer="gdn")
-            key = _config_key(jsonable(asdict(cfg)))
+            key = _key(jsonable(asdict(cfg)), MODEL_REVISION)
             if key in finished and not (save_models and seed == seeds[0]):
                 results.append(finished[key])
             else:
@@ -211,6 +215,9 @@ def run_cli(args, command: str) -> dict:
     variants = [v for v in args.variants.split(",") if v]
     out = Path(args.out)
     done = json.loads(out.read_text())["runs"] if args.resume and out.is_file() else []
+    # with --resume, runs of other seeds or variants in --out are kept, after this call's
+    asked = {(seed, name) for seed in args.seeds for name in variants}
+    others = [r for r in done if (r["config"]["seed"], r["variant"]) not in asked]
     header = {"experiment": "controller ablation: MQAR with conflicting re-bindings, the queries ask for the first",
               "metric": "accuracy of the argmax at held-out answer positions, split into conflicted and clean "
                         "queries; answered_second = conflicted queries answered with the conflicting value",
@@ -220,9 +227,10 @@ def run_cli(args, command: str) -> dict:
               "base": jsonable(asdict(base)), "seeds": args.seeds}
 
     def save(results, complete=False):
-        write_json_atomic(out, {**header, "complete": complete, "summary": summarise(results), "runs": results})
+        runs = results + others
+        write_json_atomic(out, {**header, "complete": complete, "summary": summarise(runs), "runs": runs})
 
     results = train_conflict_ablation(base, args.seeds, variants, done=done, on_run=save,
                                       save_models=args.save_models, progress=not args.no_progress)
     save(results, complete=True)
-    return {"out": str(out), "summary": summarise(results)}
+    return {"out": str(out), "summary": summarise(results + others)}

@@ -33,6 +33,7 @@ from cortexlab.cortex import CortexModel, attach_cortex, load_with_cortex, neutr
 from cortexlab.data.recall import RecallTask
 
 from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
+from .mqar import _ints
 from .recall import answer_loss, answer_metrics, episode_forward, save_adapter
 
 __all__ = ["VARIANTS", "ConflictFinetuneConfig", "conflict_readings", "finetune_on_conflicts",
@@ -51,6 +52,7 @@ class ConflictFinetuneConfig:
     steps: int = 150
     batch_size: int = 8
     lr: float = 2e-3
+    controller_lr: float | None = None     # the controller's own rate (None: lr); see finetune_on_conflicts
     warmup_steps: int = 10
     grad_clip: float = 1.0
     calls: list[int] = field(default_factory=lambda: [3, 4])      # conflict episodes: N drawn from these
@@ -69,6 +71,7 @@ class ConflictFinetuneConfig:
         for name in ("warmup_steps", "seed"):
             check_int(name, getattr(self, name), 0)
         check_number("lr", self.lr, 0, low_open=True)
+        check_number("controller_lr", self.controller_lr, 0, low_open=True, allow_none=True)
         check_number("grad_clip", self.grad_clip, 0)
         check_number("plain_fraction", self.plain_fraction, 0, 1)
         for name, least in (("calls", 3), ("plain_calls", 2), ("eval_calls", 3)):
@@ -109,6 +112,7 @@ def conflict_readings(model, task: RecallTask, cfg: ConflictFinetuneConfig) -> d
         right += int(answer_metrics(episode_forward(model, batch), batch.answer)[0].sum())
     out["plain"]["2"] = round(right / n, 4)
     model.train(was_training)
+    model.base.eval()      # the frozen base stays in eval mode
     return out
 
 
@@ -127,8 +131,14 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
     train_task, heldout = RecallTask(tokenizer, "train"), RecallTask(tokenizer, "heldout")
     result = {"config": jsonable(asdict(cfg)), "cortex_config": json.loads(model.config.to_json()),
               "before": conflict_readings(model, heldout, cfg)}
+    # the controller's weights start at zero and must reach O(1) to act (in the MQAR ablation they ended near 3),
+    # while Adam moves a weight by about lr per step: a short fine-tune can give them a larger rate of their own
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    controller = [p for name, p in model.named_parameters() if p.requires_grad and ".controller." in name]
+    rest = [p for name, p in model.named_parameters() if p.requires_grad and ".controller." not in name]
+    scale = (cfg.controller_lr or cfg.lr) / cfg.lr
+    optimizer = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": controller, "scale": scale}],
+                                  lr=cfg.lr, weight_decay=0.0)
     model.train()
     model.base.eval()
     history, t0 = [], time.time()
@@ -139,8 +149,8 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
             kind, batch = "plain", train_task.batch(rng.choice(cfg.plain_calls), cfg.batch_size, seed=step_seed)
         else:
             kind, batch = "conflict", train_task.conflict_batch(rng.choice(cfg.calls), cfg.batch_size, seed=step_seed)
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, 1.0)
+        for group in optimizer.param_groups:   # warm-up, then flat
+            group["lr"] = group["scale"] * warmup_cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, 1.0)
         logits = episode_forward(model, batch)
         loss = answer_loss(logits, batch.answer)
         optimizer.zero_grad(set_to_none=True)
@@ -155,6 +165,8 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
     result["after"] = conflict_readings(model, heldout, cfg)
     if cfg.variant == "controller":   # the trained weights with the controller reset, then restored
         trained = {k: v.clone() for k, v in model.sidecars.state_dict().items()}
+        result["controller_weights"] = {k: [round(x, 4) for x in v.flatten().tolist()]
+                                        for k, v in trained.items() if ".controller." in k}
         neutralise_controller_(model)
         result["after_neutralised"] = conflict_readings(model, heldout, cfg)
         model.sidecars.load_state_dict(trained)
@@ -166,10 +178,6 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
 
 # ---------------------------------------------------------------------------------------
 # command line
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
 
 def add_cli(sub) -> None:
     """The subcommand "recall-conflicts" of `python -m cortexlab.train`."""
@@ -183,6 +191,8 @@ def add_cli(sub) -> None:
     for name in ("steps", "batch_size", "warmup_steps", "seed", "eval_examples", "eval_batch_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--controller-lr", type=float, default=d.controller_lr,
+                   help="learning rate of the controller's weights (default: --lr)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--plain-fraction", type=float, default=d.plain_fraction)
     for name in ("calls", "plain_calls", "eval_calls"):

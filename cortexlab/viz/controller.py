@@ -89,3 +89,19 @@ def conflicts_figure(runs: Sequence[Mapping], *, chance: float | None = None, ti
     fig.update_layout(barmode="group", scattermode="group", yaxis_range=[0, 1.02], yaxis_title="held-out accuracy",
                       title=title or "keep the first binding: accuracy by variant")
     return fig
+
+
+def recall_conflicts_figure(readings: Mapping[str, Mapping], *, title: str | None = None) -> go.Figure:
+    """Exact match on held-out conflict episodes (`cortexlab.train.recall_conflicts`), one group of bars per
+    reading ({name: {"conflict": {N: {"first", "second"}}}}): the first key (the answer) solid, the conflicting
+    second key faded, per number of calls N."""
+    fig = go.Figure()
+    calls = sorted({n for r in readings.values() for n in r["conflict"]}, key=int)
+    for n, colour in zip(calls, ("#2ca02c", "#9467bd", "#8c564b", "#e377c2")):
+        names = list(readings)
+        for key, opacity in (("first", 1.0), ("second", 0.35)):
+            fig.add_trace(go.Bar(x=names, y=[readings[name]["conflict"][n][key] for name in names],
+                                 name=f"{key} key, {n} calls", marker_color=colour, opacity=opacity))
+    fig.update_layout(barmode="group", yaxis_range=[0, 1.02], yaxis_title="exact match (held-out)",
+                      title=title or "a second key in call 2: which key does the model answer?")
+    return fig
