@@ -87,3 +87,32 @@ def test_controller_at_init_is_no_controller_and_the_base_is_left_as_it_was():
     with torch.no_grad():
         assert torch.equal(base(x).logits, before)
     attach_cortex(base, CortexWrapConfig(layers=[0], rank_fast=8, num_heads=2)).detach()  # no sidecar left on
+
+
+def test_conflict_surprise_reads_the_digits_of_each_key():
+    from transformers import AutoTokenizer
+
+    from conftest import randomise_, tiny_cortex
+    from cortexlab.data import RecallTask
+    from cortexlab.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    task = RecallTask(tokenizer, "heldout", max_filler_chars=20_000)
+    model = randomise_(tiny_cortex(tokenizer))
+    got = ec.conflict_surprise(model, task, 1, episodes=3, seed=0)
+    assert set(got) == {"first", "second"} and all(len(v) == 2 and min(v) > 0 for v in got.values())
+    assert got["second"] != got["first"]
+    # the same numbers read straight from a recorded call 1 at the first key's digits
+    batch = task.conflict_batch(3, 3, 0)
+    with torch.no_grad(), model.recording() as traces:
+        model(batch.input_ids[:, 0])
+    ids, surprise = batch.input_ids[:, 0].tolist(), traces[1][0]["surprise"]
+    keys = batch.answer.tolist()
+    digits = [[t for t in range(len(row) - 4) if row[t:t + 5] == key][0] for row, key in zip(ids, keys)]
+    direct = torch.stack([surprise[b, d:d + 5] for b, d in enumerate(digits)]).mean((0, 1))
+    assert got["first"] == pytest.approx(direct.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="layer"):
+        ec.conflict_surprise(model, task, 2)
+    with pytest.raises(ValueError, match="controller"):
+        ec.conflict_surprise(tiny_cortex(tokenizer, controller=False), task, 1)
+

@@ -196,3 +196,28 @@ def controller_equivalence(base, input_ids: torch.Tensor, layer: int, *, std: fl
     return {"max_diff": (logits_ctrl - logits_plain).abs().max().item(),
             "sidecar_effect": (logits_plain - logits_base).abs().max().item(),
             "controller_only": sorted(unexpected)}
+
+
+def conflict_surprise(model, task, layer: int, *, episodes: int = 16, seed: int = 11) -> dict[str, list[float]]:
+    """Mean surprise per head at the pass-key digits of call 1 (the first key) and of call 2 (a conflicting key)
+    in `task.conflict_batch(3, episodes, seed)`, the memory carried from call 1 into call 2:
+    {"first": [per head], "second": [per head]}. Does a second key look more surprising than the first?"""
+    if not model.config.controller:
+        raise ValueError("the model's sidecars have no controller (CortexWrapConfig(controller=False))")
+    if str(layer) not in model.sidecars:
+        raise ValueError(f"layer {layer} has no sidecar; wrapped layers are {model.layer_ids}")
+    batch = task.conflict_batch(3, episodes, seed)
+    memory, out = None, {}
+    with torch.no_grad():
+        for call, (name, key) in enumerate((("first", batch.answer), ("second", batch.second))):
+            ids = batch.input_ids[:, call]
+            with model.recording() as traces:
+                memory = model(ids, memory=memory, use_cache=False, logits_to_keep=1).memory
+            # the key's digits: the first window of A tokens equal to them
+            A = key.shape[1]
+            starts = (ids.unfold(1, A, 1) == key[:, None, :]).all(-1).float().argmax(1)      # [B]
+            where = starts[:, None] + torch.arange(A)                                          # [B, A]
+            surprise = traces[layer][0]["surprise"].float()                                    # [B, T, H]
+            picked = surprise.gather(1, where[..., None].expand(-1, -1, surprise.shape[-1]))
+            out[name] = [round(x, 4) for x in picked.mean((0, 1)).tolist()]
+    return out
