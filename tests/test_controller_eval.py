@@ -103,14 +103,14 @@ def test_conflict_surprise_reads_the_digits_of_each_key():
     assert set(got) == {"first", "second"} and all(len(v) == 2 and min(v) > 0 for v in got.values())
     assert got["second"] != got["first"]
     # the same numbers read straight from a recorded call 1 at the first key's digits
-    batch = task.conflict_batch(3, 3, 0)
-    with torch.no_grad(), model.recording() as traces:
-        model(batch.input_ids[:, 0])
-    ids, surprise = batch.input_ids[:, 0].tolist(), traces[1][0]["surprise"]
-    keys = batch.answer.tolist()
-    digits = [[t for t in range(len(row) - 4) if row[t:t + 5] == key][0] for row, key in zip(ids, keys)]
-    direct = torch.stack([surprise[b, d:d + 5] for b, d in enumerate(digits)]).mean((0, 1))
-    assert got["first"] == pytest.approx(direct.tolist(), abs=1e-4)
+    batch, memory = task.conflict_batch(3, 3, 0), None
+    for call, (name, key) in enumerate((("first", batch.answer), ("second", batch.second))):
+        with torch.no_grad(), model.recording() as traces:      # call 2 reads the memory call 1 left
+            memory = model(batch.input_ids[:, call], memory=memory).memory
+        ids, surprise = batch.input_ids[:, call].tolist(), traces[1][0]["surprise"]
+        digits = [[t for t in range(len(row) - 4) if row[t:t + 5] == k][0] for row, k in zip(ids, key.tolist())]
+        direct = torch.stack([surprise[b, d:d + 5] for b, d in enumerate(digits)]).mean((0, 1))
+        assert got[name] == pytest.approx(direct.tolist(), abs=1e-4)
     with pytest.raises(ValueError, match="layer"):
         ec.conflict_surprise(model, task, 2)
     with pytest.raises(ValueError, match="controller"):

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from cortexlab.data import RecallTask
@@ -42,6 +43,12 @@ def test_recipe_writes_readings_before_and_after(tmp_path, one_thread):
         assert set(first_second) == {"first", "second"} and 0 <= result[reading]["plain"]["2"] <= 1
     assert result["config"]["adapter"] == "results/adapters/recall_ctrl" and len(result["history"]) == 1
     assert (adapter / "cortex.safetensors").is_file() and json.loads((adapter / "card.json").read_text())["after"]
+    # the saved sidecar holds the trained controller (restored after the neutralised reading), not zeros
+    assert max(abs(x) for w in result["controller_weights"].values() for x in w) > 0
+    saved = load_file(adapter / "cortex.safetensors")
+    for name, values in result["controller_weights"].items():
+        torch.testing.assert_close(saved["layer" + name].flatten(),
+                                   torch.tensor(values), atol=1e-4, rtol=0)
 
 
 def test_bad_config_raises():
@@ -51,3 +58,5 @@ def test_bad_config_raises():
         ConflictFinetuneConfig(calls=[2])
     with pytest.raises(ValueError, match="plain_fraction"):
         ConflictFinetuneConfig(plain_fraction=1.5)
+    with pytest.raises(ValueError, match="controller_lr"):
+        ConflictFinetuneConfig(variant="no_controller", controller_lr=0.02)

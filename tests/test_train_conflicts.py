@@ -94,11 +94,14 @@ def test_recipe_writes_every_variant_saves_models_and_resumes(tmp_path, one_thre
     assert json.loads(out.read_text())["runs"] == runs
     main(["controller-ablation", "--out", str(out), "--seeds", "1", "--variants", "gdn", "--resume", *TINY])
     assert sorted(map(json.dumps, json.loads(out.read_text())["runs"])) == sorted(map(json.dumps, runs))
-    # ... unless the model's architecture changed since: then it trains again
-    monkeypatch.setattr(conflicts, "train_mqar", real_train_mqar)
+    # ... unless the model's architecture changed since: then it trains again, and runs of the old revision or
+    # of another setting are not kept beside it
+    trained = []
+    monkeypatch.setattr(conflicts, "train_mqar", lambda *a, **k: trained.append(1) or real_train_mqar(*a, **k))
     monkeypatch.setattr(conflicts, "MODEL_REVISION", conflicts.MODEL_REVISION + 1)
     main(["controller-ablation", "--out", str(out), "--seeds", "1", "--variants", "gdn", "--resume", *TINY])
-    assert {r["model_revision"] for r in json.loads(out.read_text())["runs"]} == {1}   # saved by train_mqar
+    result = json.loads(out.read_text())
+    assert len(trained) == 1 and len(result["runs"]) == 1 and result["seeds"] == [1]
 
 
 def test_bad_settings_raise():

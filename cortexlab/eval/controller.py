@@ -215,9 +215,12 @@ def conflict_surprise(model, task, layer: int, *, episodes: int = 16, seed: int 
                 memory = model(ids, memory=memory, use_cache=False, logits_to_keep=1).memory
             # the key's digits: the first window of A tokens equal to them
             A = key.shape[1]
-            starts = (ids.unfold(1, A, 1) == key[:, None, :]).all(-1).float().argmax(1)      # [B]
-            where = starts[:, None] + torch.arange(A)                                          # [B, A]
+            found = (ids.unfold(1, A, 1) == key[:, None, :]).all(-1)                           # [B, T - A + 1]
+            if not found.any(1).all():
+                raise ValueError(f"call {call + 1} of some episode does not hold its key's digit tokens")
             surprise = traces[layer][0]["surprise"].float()                                    # [B, T, H]
+            starts = found.float().argmax(1)                                                   # the first match
+            where = (starts[:, None] + torch.arange(A, device=starts.device)).to(surprise.device)   # [B, A]
             picked = surprise.gather(1, where[..., None].expand(-1, -1, surprise.shape[-1]))
             out[name] = [round(x, 4) for x in picked.mean((0, 1)).tolist()]
     return out

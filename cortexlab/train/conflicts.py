@@ -144,6 +144,14 @@ def train_conflict_ablation(base: MQARTrainConfig, seeds, variants=tuple(VARIANT
     return results
 
 
+def _same_setting(run: dict, base: MQARTrainConfig) -> bool:
+    """Whether a saved run trained `base` (up to its seed and variant) with the current model revision."""
+    config = run["config"]
+    mine = replace(base, seed=config["seed"], num_layers=config.get("num_layers", 2),
+                   controller=config.get("controller", False), mixer="gdn")
+    return _key(config, run.get("model_revision", 1)) == _key(jsonable(asdict(mine)), MODEL_REVISION)
+
+
 def _save_model(model: MQARModel, directory: Path, run: dict) -> None:
     """model.safetensors + config.json (the MQARModelConfig) + card.json (the run's readings), written atomically."""
     def write(tmp: Path) -> None:
@@ -215,20 +223,22 @@ def run_cli(args, command: str) -> dict:
     variants = [v for v in args.variants.split(",") if v]
     out = Path(args.out)
     done = json.loads(out.read_text())["runs"] if args.resume and out.is_file() else []
-    # with --resume, runs of other seeds or variants in --out are kept, after this call's
+    # with --resume, runs of other seeds or variants in --out are kept, after this call's, if they ran this setting
     asked = {(seed, name) for seed in args.seeds for name in variants}
-    others = [r for r in done if (r["config"]["seed"], r["variant"]) not in asked]
+    others = [r for r in done if (r["config"]["seed"], r["variant"]) not in asked and _same_setting(r, base)]
     header = {"experiment": "controller ablation: MQAR with conflicting re-bindings, the queries ask for the first",
               "metric": "accuracy of the argmax at held-out answer positions, split into conflicted and clean "
                         "queries; answered_second = conflicted queries answered with the conflicting value",
               "baselines": {"chance": chance_accuracy(task), "variants": "one GDN layer without the controller; "
                             "two GDN layers without it; the controller's model with its controller neutralised"},
               "command": command, "git": git_revision(), "environment": environment(),
-              "base": jsonable(asdict(base)), "seeds": args.seeds}
+              "base": jsonable(asdict(base))}
 
     def save(results, complete=False):
         runs = results + others
-        write_json_atomic(out, {**header, "complete": complete, "summary": summarise(runs), "runs": runs})
+        seeds = sorted({r["config"]["seed"] for r in runs})
+        write_json_atomic(out, {**header, "seeds": seeds, "complete": complete, "summary": summarise(runs),
+                                "runs": runs})
 
     results = train_conflict_ablation(base, args.seeds, variants, done=done, on_run=save,
                                       save_models=args.save_models, progress=not args.no_progress)

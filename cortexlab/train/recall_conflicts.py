@@ -72,6 +72,8 @@ class ConflictFinetuneConfig:
             check_int(name, getattr(self, name), 0)
         check_number("lr", self.lr, 0, low_open=True)
         check_number("controller_lr", self.controller_lr, 0, low_open=True, allow_none=True)
+        if self.controller_lr is not None and self.variant != "controller":
+            raise ValueError("controller_lr applies to the 'controller' variant only (the other has no controller)")
         check_number("grad_clip", self.grad_clip, 0)
         check_number("plain_fraction", self.plain_fraction, 0, 1)
         for name, least in (("calls", 3), ("plain_calls", 2), ("eval_calls", 3)):
