@@ -54,6 +54,25 @@ def test_cpu_peak_memory_reads_a_200mb_allocation():
     assert speed.peak_memory(lambda: torch.ones(1000)) < 50e6
 
 
+def test_cpu_peak_memory_sees_allocations_served_from_freed_heap_memory():
+    """Memory freed earlier but kept resident by the C allocator must not hide an allocation: force big blocks onto
+    glibc's heap (as a library setting M_MMAP_THRESHOLD may), free 240 MB, then measure a 200 MB allocation (in a
+    child process, so the allocator setting does not leak into the other tests)."""
+    script = """
+import ctypes, torch
+from cortexlab.eval import speed
+ctypes.CDLL("libc.so.6").mallopt(-3, 512 * 1024 * 1024)   # M_MMAP_THRESHOLD
+x = torch.ones(60_000_000)
+del x
+def allocate():
+    y = torch.ones(50_000_000)
+    del y
+print(speed.peak_memory(allocate))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert 190e6 <= int(out.stdout.split()[-1]) <= 260e6, out.stdout
+
+
 def test_gated_delta_inputs_satisfy_the_constraints():
     x = speed.gated_delta_inputs(2, 50, 3, 16, Dv=8, seed=1)
     assert x.q.shape == x.k.shape == (2, 50, 3, 16)

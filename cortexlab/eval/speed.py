@@ -22,6 +22,7 @@ Speed is never asserted in unit tests: these functions only report numbers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import statistics
@@ -169,7 +170,9 @@ def peak_memory(fn: Callable[[], object], *, device: torch.device | str = "cpu")
 
     CUDA: torch.cuda.max_memory_allocated (torch's own allocations only).
     CPU (Linux): growth of the process's resident-set high-water mark (VmHWM) after
-    resetting it through /proc/self/clear_refs. Raises RuntimeError where neither exists.
+    resetting it through /proc/self/clear_refs, once the C allocator has returned its free pages
+    to the system (memory freed earlier but kept resident would otherwise serve fn's allocations
+    unseen). Raises RuntimeError where neither exists.
     """
     device = torch.device(device)
     gc.collect()
@@ -182,11 +185,20 @@ def peak_memory(fn: Callable[[], object], *, device: torch.device | str = "cpu")
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     if not cpu_peak_memory_supported():
         raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs and VmHWM")
+    _release_free_heap()
     with open(_PROC_CLEAR_REFS, "w") as f:
         f.write("5")  # VmHWM := current VmRSS
     before = _proc_status_bytes("VmRSS")
     fn()
     return max(0, _proc_status_bytes("VmHWM") - before)
+
+
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): give every arena's whole free pages back to the system (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------
