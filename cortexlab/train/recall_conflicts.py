@@ -135,9 +135,9 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
               "before": conflict_readings(model, heldout, cfg)}
     # the controller's weights start at zero and must reach O(1) to act (in the MQAR ablation they ended near 3),
     # while Adam moves a weight by about lr per step: a short fine-tune can give them a larger rate of their own
-    params = [p for p in model.parameters() if p.requires_grad]
     controller = [p for name, p in model.named_parameters() if p.requires_grad and ".controller." in name]
     rest = [p for name, p in model.named_parameters() if p.requires_grad and ".controller." not in name]
+    params = rest + controller
     scale = (cfg.controller_lr or cfg.lr) / cfg.lr
     optimizer = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": controller, "scale": scale}],
                                   lr=cfg.lr, weight_decay=0.0)
