@@ -11,6 +11,7 @@ from cortexlab.models import default_model_path
 from conftest import randomise_, tiny_cortex
 
 from cortexlab.train import (
+    EVAL_SEED,
     RecallEvalSet,
     RecallTrainConfig,
     answer_loss,
@@ -50,6 +51,9 @@ def test_fast_paths_equal_the_plain_forward(tokenizer, task, controller, overrid
     reference = model(batch.input_ids[:, -1], memory=memory, use_cache=False).logits[:, -6:-1]
     assert torch.equal(episode_forward(model, batch, fast=False), reference)
     assert torch.equal(episode_forward(model, batch, fast=True), reference)
+    # prefix_tokens=1 adds the position that predicts the space before the number, first
+    with_space = model(batch.input_ids[:, -1], memory=memory, use_cache=False).logits[:, -7:-1]
+    assert torch.equal(episode_forward(model, batch, prefix_tokens=1), with_space)
     if overrides or not controller:
         return
     # two sidecar layers: no features path, still the plain result
@@ -141,6 +145,26 @@ def test_eval_baselines_and_neutralised_controller(tokenizer, task):
     assert neutralise_controller_(model) == 1 and neutralise_controller_(plain) == 0
     batch = heldout.batch(3, 2, seed=0)
     torch.testing.assert_close(episode_forward(model, batch), episode_forward(plain, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_accuracy_reads_the_space_before_the_number():
+    """prefix_accuracy scores the position before the digits, where the space that starts a number is written:
+    on SmolLM2 it equals the bare model's argmax there, computed by hand, and one position later (the first digit's)
+    the argmax is never the space."""
+    from cortexlab.cortex import CortexWrapConfig, attach_cortex
+    from cortexlab.models import load_base_model
+
+    base, tokenizer = load_base_model()
+    model = attach_cortex(base, CortexWrapConfig(layers=[12], controller=False, use_hybrid=False))
+    heldout = RecallTask(tokenizer, "heldout", call_tokens=64, max_filler_chars=CHARS)
+    ev = evaluate_recall(model, heldout, distances=(0, 1), examples=4, batch_size=4, variants=("base",))
+    batch = heldout.batch(2, 4, seed=EVAL_SEED)   # the set's episode for distance 1
+    logits = episode_forward(model, batch, prefix_tokens=1, disabled=True)
+    assert heldout.answer_prefix == [tokenizer.encode(" 1", add_special_tokens=False)[0]]
+    spaced = (logits[:, 0].argmax(-1) == heldout.answer_prefix[0]).float().mean().item()
+    assert logits.shape[1] == 6 and ev["base"]["1"]["prefix_accuracy"] == spaced > 0
+    assert not (logits[:, 1].argmax(-1) == heldout.answer_prefix[0]).any()
+    model.detach()
 
 
 def test_cropped_episode_is_the_same_episode_with_shorter_fact_and_question_calls(tokenizer, task):

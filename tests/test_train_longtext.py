@@ -7,6 +7,7 @@ from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.models import tiny_model
 from cortexlab.train.longtext import (
     LongTextConfig,
+    carried_gain_by_offset,
     full_context_losses,
     random_windows,
     segment_losses,
@@ -114,3 +115,18 @@ def test_training_lowers_the_held_out_loss_below_the_base():
     assert abs(later["base_segments"] - first["base_segments"]) < 0.1           # the base cannot use more text
     assert first["sidecar_reset"] == pytest.approx(first["sidecar_segments"], abs=1e-5)
     assert len(ev["per_position"]["sidecar_segments"]) == 4 * S and len(ev["per_segment"]["base_segments"]) == 4
+
+
+def test_carried_gain_by_offset_averages_reset_minus_carried_over_later_segments():
+    S = 8
+    reset = [5.0] * (3 * S)
+    carried = [5.0] * S + [5.0 - (1.0 if j % S < 2 else 0.25) for j in range(S, 3 * S)]   # first segment: equal
+    carried[S + 7] = 5.0 - 0.75                                  # one late token of segment 1 gains more
+    evaluation = {"per_position": {"sidecar_segments": carried, "sidecar_reset": reset}}
+    gain = carried_gain_by_offset(evaluation, S, edges=(0, 2, 4))
+    assert gain == {"0-1": 1.0, "2-3": 0.25, "4-7": pytest.approx((7 * 0.25 + 0.75) / 8)}
+    with pytest.raises(ValueError, match="edges"):
+        carried_gain_by_offset(evaluation, S, edges=(2, 4))
+    with pytest.raises(ValueError, match="positions"):
+        one_segment = {"per_position": {"sidecar_segments": carried[:S], "sidecar_reset": reset[:S]}}
+        carried_gain_by_offset(one_segment, S, (0, 2))

@@ -14,7 +14,7 @@
 import importlib
 
 _EXPORTS = {
-    "longtext": ("LongTextConfig", "evaluate_longtext", "train_longtext"),
+    "longtext": ("LongTextConfig", "carried_gain_by_offset", "evaluate_longtext", "train_longtext"),
     "lm": ("ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "train_lm", "train_lm_ablation"),
     "recall": ("EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss",
                "answer_metrics", "crop_plan", "episode_forward", "evaluate_recall", "load_checkpoint",
@@ -34,8 +34,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "ABLATION_VARIANTS", "CropPlan", "EVAL_SEED", "LMTrainConfig", "LongTextConfig", "RecallEvalSet",
-    "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics", "crop_plan", "episode_forward",
-    "evaluate_lm", "evaluate_longtext", "evaluate_recall", "load_checkpoint", "memory_only_depth",
+    "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics", "carried_gain_by_offset", "crop_plan",
+    "episode_forward", "evaluate_lm", "evaluate_longtext", "evaluate_recall", "load_checkpoint", "memory_only_depth",
     "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint",
     "sidecar_inputs", "train_lm", "train_lm_ablation", "train_longtext", "train_recall",
 ]

@@ -41,8 +41,8 @@ from cortexlab.data import stdlib_documents
 
 from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
 
-__all__ = ["LongTextConfig", "evaluate_longtext", "full_context_losses", "random_windows", "segment_losses",
-           "train_longtext"]
+__all__ = ["LongTextConfig", "carried_gain_by_offset", "evaluate_longtext", "full_context_losses", "random_windows",
+           "segment_losses", "train_longtext"]
 
 VARIANTS = ("base_segments", "sidecar_segments", "sidecar_reset", "base_full_context")
 
@@ -179,6 +179,29 @@ def evaluate_longtext(model, docs: dict[str, torch.Tensor], segment_tokens: int,
             "first_segment": {v: round(t[0].item(), 5) for v, t in per_segment.items()},
             "later_segments": {v: round(t[1:].mean().item(), 5) if segments > 1 else None
                                for v, t in per_segment.items()}}
+
+
+def carried_gain_by_offset(evaluation: dict, segment_tokens: int, edges=(0, 8, 32)) -> dict[str, float]:
+    """What the carried memory saves, by a token's offset inside its segment, over the later segments:
+
+        gain(band) = mean over positions j >= S with j mod S in band of  loss_reset(j) - loss_carried(j)
+
+    (nats; positive: the memory from earlier segments helped). `evaluation` is `evaluate_longtext`'s result;
+    the bands are [edges[i], edges[i + 1]) and [edges[-1], S). The first segment is left out: there both
+    variants start empty.
+    """
+    check_int("segment_tokens", segment_tokens)
+    edges = list(edges)
+    if not edges or edges[0] != 0 or any(a >= b for a, b in zip(edges, edges[1:])) or edges[-1] >= segment_tokens:
+        raise ValueError(f"edges must rise from 0 and stay below segment_tokens={segment_tokens}, got {edges}")
+    carried = torch.tensor(evaluation["per_position"]["sidecar_segments"], dtype=torch.float64)
+    reset = torch.tensor(evaluation["per_position"]["sidecar_reset"], dtype=torch.float64)
+    if len(carried) <= segment_tokens or len(carried) % segment_tokens:
+        raise ValueError(f"the evaluation has {len(carried)} positions: need whole segments of {segment_tokens}, "
+                         "more than one")
+    gap = (reset - carried)[segment_tokens:].view(-1, segment_tokens)
+    bounds = edges + [segment_tokens]
+    return {f"{lo}-{hi - 1}": round(gap[:, lo:hi].mean().item(), 5) for lo, hi in zip(bounds, bounds[1:])}
 
 
 def train_longtext(cfg: LongTextConfig, *, model=None, tokenizer=None, progress: bool = True,

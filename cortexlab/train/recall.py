@@ -6,10 +6,13 @@ SmolLM2-135M-Instruct) with one sidecar learns to carry a pass key across calls 
 
     memory = {}
     for call c = 1..N:   out = model(call_c, memory=memory);  memory = out.memory
-    loss = cross-entropy of the answer digits in call N
+    loss = cross-entropy of the answer as written in call N: the space that starts the number, then its digits
 
 The memory is carried through all N calls *with* gradients (backprop through time over the
-whole episode; `bptt_calls=k` detaches it every k calls instead). Only the sidecars'
+whole episode; `bptt_calls=k` detaches it every k calls instead). The space is scored with the
+digits because the memory also acts there: a 1300-step sidecar trained on the digits alone got
+every digit right when given the space, but itself wrote "0" where the base writes the space, so
+free generation failed. Only the sidecars'
 parameters train (AdamW); the base model is frozen. N is drawn per step from a curriculum
 ("0:2-3,0.5:2-4,0.75:2-8,0.9:2-16": 2-3 calls in the first half of the steps, then 2-4,
 2-8, 2-16), and the first `easy_fraction` of the steps uses shorter calls (less filler is
@@ -27,10 +30,10 @@ beside the fact and before the question), which makes steps at 128-token calls s
 times cheaper; evaluation always uses whole calls.
 
 Evaluation (`evaluate_recall` on a `RecallEvalSet`): teacher-forced exact match of the
-answer digits (all A argmax predictions right) and per-digit accuracy on held-out episodes
-vs distance in calls, for the trained sidecar and two baselines: "reset" (the sidecar with
-its memory reset before the question call) and "base" (the bare base model,
-`model.disabled()`). Chance: 10^-A exact match, 1/10 per digit.
+answer digits (all A argmax predictions right), per-digit accuracy and the accuracy at the
+space before the number ("prefix_accuracy") on held-out episodes vs distance in calls, for
+the trained sidecar and two baselines: "reset" (the sidecar with its memory reset before the
+question call) and "base" (the bare base model, `model.disabled()`). Chance: 10^-A exact match, 1/10 per digit.
 
 Recipe "recall-ablation": the controller ablation; trains the recipe with and without the
 metacognitive controller (same seed, data and steps) and also evaluates the controller-trained
@@ -284,20 +287,22 @@ def question_logits(model, input_ids: torch.Tensor, memory: dict | None, answer_
 
 def episode_forward(model, batch: RecallBatch, *, features: list | None = None, fast: bool | None = None,
                     bptt_calls: int = 0, reset_before_question: bool = False, disabled: bool = False,
-                    crop: CropPlan | None = None):
-    """Run the episodes' calls in order, carrying the memory; returns the answer logits [B, A, V].
+                    crop: CropPlan | None = None, prefix_tokens: int = 0):
+    """Run the episodes' calls in order, carrying the memory; returns the answer logits [B, P + A, V].
 
     The answer is the last A tokens of the last call; its logits are those of the A
-    positions before. features: precomputed `sidecar_inputs` for calls 1..N-1 (a list, None
-    entries are computed); fast: compute the missing ones with `sidecar_inputs` (default:
-    when the model has one sidecar layer) instead of through the model. Both give the same
-    memory. reset_before_question: start the last call from an empty memory (the "reset"
+    positions before. prefix_tokens=P also returns the logits of the P tokens before the
+    answer (the task's `answer_prefix`, the space that starts the number), first.
+    features: precomputed `sidecar_inputs` for calls 1..N-1 (a list, None entries are
+    computed); fast: compute the missing ones with `sidecar_inputs` (default: when the model
+    has one sidecar layer) instead of through the model. Both give the same memory.
+    reset_before_question: start the last call from an empty memory (the "reset"
     baseline; earlier calls are skipped). disabled: the bare base model, last call only (its
     context restarts every call, so earlier calls cannot reach it). bptt_calls: detach the
     memory every k calls (0: never). crop: run call 1 up to `crop.fact_end` and the last call
     from `crop.question_start` (`crop_plan`; None: whole calls).
     """
-    A = batch.answer.shape[1]
+    A = batch.answer.shape[1] + prefix_tokens
     memory = None
     if not (disabled or reset_before_question):
         fast = single_sidecar_layer(model) is not None if fast is None else fast
@@ -383,8 +388,9 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
 
     data: a `RecallEvalSet`, or a `RecallTask` to build one from (distances, examples,
     batch_size, seed). Returns {variant: {str(distance): {"exact_match", "digit_accuracy",
-    "examples"}}} plus "chance". Variants: "sidecar" (memory carried through all calls),
-    "reset" (the sidecar with an empty memory at the question call), "base" (the bare base
+    "prefix_accuracy", "examples"}}} plus "chance" (prefix_accuracy: the argmax at the space that
+    starts the number is that space, which free generation needs). Variants: "sidecar" (memory
+    carried through all calls), "reset" (the sidecar with an empty memory at the question call), "base" (the bare base
     model). For d >= 1 "reset" and "base" see only the question call, which is the same for
     every distance, so their numbers repeat across distances by construction.
     """
@@ -403,16 +409,20 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
         not cortex.config.controller or data.entropy_layer == entropy_layer(model))
     was_training = cortex.training
     cortex.eval()
-    A = data.task.key_digits
+    A, prefix = data.task.key_digits, data.task.answer_prefix
+    P = len(prefix)
+    A_read = P + A   # the logits read per question: the prefix (the space before the number), then the digits
     far = [d for d in data.distances if d >= 1]
     tallies: dict = {}
 
     def tally(variant, distance, logits, answer):
-        exact, digits = answer_metrics(logits, answer)
-        t = tallies.setdefault((variant, distance), [0, 0, 0])
+        exact, digits = answer_metrics(logits[:, P:], answer)
+        spaced = (logits[:, :P].argmax(-1) == torch.tensor(prefix, device=answer.device)).all(-1)
+        t = tallies.setdefault((variant, distance), [0, 0, 0, 0])
         t[0] += int(exact.sum())
         t[1] += int(digits.sum())
         t[2] += answer.shape[0]
+        t[3] += int(spaced.sum())
 
     for chunk in tqdm(data.chunks, desc="eval recall", disable=not progress, leave=False):
         single, episode = chunk["single"], chunk["episode"]
@@ -421,7 +431,8 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
             for variant in variants:
                 key = "base" if variant == "base" else "memory"
                 if key not in logits:
-                    logits[key] = question_logits(model, single.input_ids[:, 0], None, A, disabled=key == "base")
+                    logits[key] = question_logits(model, single.input_ids[:, 0], None, A_read,
+                                                  disabled=key == "base")
                 tally(variant, 0, logits[key], single.answer)
         if episode is None:
             continue
@@ -432,16 +443,16 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
                 feats = chunk["features"][c] if use_features else None
                 memory = advance_memory(model, memory, input_ids=episode.input_ids[:, c], features=feats)
                 if c + 1 in far:
-                    tally("sidecar", c + 1, question_logits(model, question, memory, A), episode.answer)
+                    tally("sidecar", c + 1, question_logits(model, question, memory, A_read), episode.answer)
         for variant in {"reset", "base"} & set(variants):
-            logits = question_logits(model, question, None, A, disabled=variant == "base")
+            logits = question_logits(model, question, None, A_read, disabled=variant == "base")
             for d in far:
                 tally(variant, d, logits, episode.answer)
     cortex.train(was_training)
     results = {v: {} for v in variants}
-    for (variant, distance), (exact, digits, n) in sorted(tallies.items(), key=lambda kv: kv[0][1]):
+    for (variant, distance), (exact, digits, n, spaced) in sorted(tallies.items(), key=lambda kv: kv[0][1]):
         results[variant][str(distance)] = {"exact_match": exact / n, "digit_accuracy": digits / (n * A),
-                                           "examples": n}
+                                           "prefix_accuracy": spaced / n, "examples": n}
     results["chance"] = {"exact_match": 10.0 ** -A, "digit_accuracy": 0.1}
     return results
 
@@ -588,8 +599,11 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  for i in pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls, crop=crop)
-        loss = answer_loss(logits, batch.answer)
+        prefix = torch.tensor(task.answer_prefix, device=batch.answer.device).expand(len(batch.answer), -1)
+        logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls, crop=crop,
+                                 prefix_tokens=prefix.shape[1])
+        loss = answer_loss(logits, torch.cat([prefix, batch.answer], dim=1))   # the space before the digits too
+        logits = logits[:, prefix.shape[1]:]
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
