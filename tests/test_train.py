@@ -157,14 +157,16 @@ def test_prefix_accuracy_reads_the_space_before_the_number():
     base, tokenizer = load_base_model()
     model = attach_cortex(base, CortexWrapConfig(layers=[12], controller=False, use_hybrid=False))
     heldout = RecallTask(tokenizer, "heldout", call_tokens=64, max_filler_chars=CHARS)
-    ev = evaluate_recall(model, heldout, distances=(0, 1), examples=4, batch_size=4, variants=("base",))
-    batch = heldout.batch(2, 4, seed=EVAL_SEED)   # the set's episode for distance 1
-    logits = episode_forward(model, batch, prefix_tokens=1, disabled=True)
+    try:
+        ev = evaluate_recall(model, heldout, distances=(0, 1), examples=4, batch_size=4, variants=("base",))
+        batch = heldout.batch(2, 4, seed=EVAL_SEED)   # the set's episode for distance 1
+        logits = episode_forward(model, batch, prefix_tokens=1, disabled=True)
+    finally:
+        model.detach()
     assert heldout.answer_prefix == [tokenizer.encode(" 1", add_special_tokens=False)[0]]
     spaced = (logits[:, 0].argmax(-1) == heldout.answer_prefix[0]).float().mean().item()
     assert logits.shape[1] == 6 and ev["base"]["1"]["prefix_accuracy"] == spaced > 0
     assert not (logits[:, 1].argmax(-1) == heldout.answer_prefix[0]).any()
-    model.detach()
 
 
 def test_cropped_episode_is_the_same_episode_with_shorter_fact_and_question_calls(tokenizer, task):
@@ -200,6 +202,7 @@ def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
     first = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
                          checkpoint_dir=tmp_path, progress=False)
     assert [h["step"] for h in first["history"]] == [1, 2, 3]
+    assert all(0 <= h["prefix_accuracy"] <= 1 for h in first["history"])   # the space before the digits is scored
     assert [h["stage"] for h in first["history"]] == ["easy", "easy", "main"]
     assert [h["lr"] for h in first["history"]] == pytest.approx([1e-2, 1e-2, 0.75e-2])   # cosine towards 0.5 lr
     assert first["data"]["easy"]["call_tokens"] == 24 and first["data"]["train"]["call_tokens"] == 48
@@ -237,6 +240,15 @@ def test_config_and_curriculum_validation():
         RecallTrainConfig(crop_filler=-1)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         RecallTrainConfig(min_lr_ratio=2.0)
+    with pytest.raises(ValueError, match="score_prefix"):
+        RecallTrainConfig(score_prefix=1)
+    # a run saved before score_prefix existed scored the digits alone: it matches False, not the new default
+    from cortexlab.train.recall import _same_config
+
+    old = {k: v for k, v in json.loads(json.dumps(RecallTrainConfig().__dict__)).items() if k != "score_prefix"}
+    old["eval_distances"] = list(old["eval_distances"])
+    assert _same_config(old, RecallTrainConfig(score_prefix=False))
+    assert not _same_config(old, RecallTrainConfig())
 
 
 def test_ablation_over_seeds_reuses_finished_runs_and_averages_them(tmp_path, monkeypatch):

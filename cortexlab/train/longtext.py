@@ -55,7 +55,7 @@ class LongTextConfig:
     train_segments: int = 4
     eval_segments: int = 16
     eval_docs: int = 16
-    steps: int = 100
+    steps: int = 300
     batch_size: int = 4
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

@@ -10,9 +10,9 @@ SmolLM2-135M-Instruct) with one sidecar learns to carry a pass key across calls 
 
 The memory is carried through all N calls *with* gradients (backprop through time over the
 whole episode; `bptt_calls=k` detaches it every k calls instead). The space is scored with the
-digits because the memory also acts there: a 1300-step sidecar trained on the digits alone got
-every digit right when given the space, but itself wrote "0" where the base writes the space, so
-free generation failed. Only the sidecars'
+digits because the memory also acts there: a 1300-step sidecar trained on the digits alone
+(`score_prefix=False`) read them right teacher-forced, space given, but itself wrote "0" where the
+base writes the space, so free generation failed on the example checked. Only the sidecars'
 parameters train (AdamW); the base model is frozen. N is drawn per step from a curriculum
 ("0:2-3,0.5:2-4,0.75:2-8,0.9:2-16": 2-3 calls in the first half of the steps, then 2-4,
 2-8, 2-16), and the first `easy_fraction` of the steps uses shorter calls (less filler is
@@ -106,6 +106,8 @@ class RecallTrainConfig:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
     crop_filler: int | None = None       # train on cropped fact and question calls (`crop_plan`; None: whole calls)
+    score_prefix: bool = True            # score the space that starts the number with the digits (runs before
+                                         # this field existed scored the digits alone, as False does)
     seed: int = 0
     call_tokens: int = 48
     key_digits: int = 5
@@ -129,6 +131,8 @@ class RecallTrainConfig:
         for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
             check_int(name, getattr(self, name), 0)
         check_number("easy_fraction", self.easy_fraction, 0, 1)
+        if not isinstance(self.score_prefix, bool):
+            raise ValueError(f"score_prefix must be True or False, got {self.score_prefix!r}")
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
         if self.easy_filler not in FILLERS:
             raise ValueError(f"easy_filler must be one of {FILLERS}, got {self.easy_filler!r}")
@@ -417,7 +421,7 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
 
     def tally(variant, distance, logits, answer):
         exact, digits = answer_metrics(logits[:, P:], answer)
-        spaced = (logits[:, :P].argmax(-1) == torch.tensor(prefix, device=answer.device)).all(-1)
+        spaced = (logits[:, :P].argmax(-1) == torch.tensor(prefix, dtype=torch.int64, device=answer.device)).all(-1)
         t = tallies.setdefault((variant, distance), [0, 0, 0, 0])
         t[0] += int(exact.sum())
         t[1] += int(digits.sum())
@@ -452,7 +456,7 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
     results = {v: {} for v in variants}
     for (variant, distance), (exact, digits, n, spaced) in sorted(tallies.items(), key=lambda kv: kv[0][1]):
         results[variant][str(distance)] = {"exact_match": exact / n, "digit_accuracy": digits / (n * A),
-                                           "prefix_accuracy": spaced / n, "examples": n}
+                                           "prefix_accuracy": spaced / n if P else None, "examples": n}
     results["chance"] = {"exact_match": 10.0 ** -A, "digit_accuracy": 0.1}
     return results
 
@@ -599,11 +603,14 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  for i in pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefix = torch.tensor(task.answer_prefix, device=batch.answer.device).expand(len(batch.answer), -1)
+        P = len(task.answer_prefix) if cfg.score_prefix else 0
+        prefix = torch.tensor(task.answer_prefix[:P], dtype=torch.int64, device=batch.answer.device)
+        prefix = prefix.expand(len(batch.answer), -1)
         logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls, crop=crop,
-                                 prefix_tokens=prefix.shape[1])
+                                 prefix_tokens=P)
         loss = answer_loss(logits, torch.cat([prefix, batch.answer], dim=1))   # the space before the digits too
-        logits = logits[:, prefix.shape[1]:]
+        spaced = (logits[:, :P].detach().argmax(-1) == prefix).all(-1).float().mean().item() if P else None
+        logits = logits[:, P:]
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
@@ -613,6 +620,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         train_seconds += dt
         history.append({"step": step + 1, "calls": calls, "stage": stage, "loss": round(loss.item(), 5),
                         "exact_match": exact.float().mean().item(), "digit_accuracy": digits.float().mean().item(),
+                        "prefix_accuracy": spaced,
                         "grad_norm": None if grad_norm is None else round(float(grad_norm), 5),
                         "lr": _lr_at(step, cfg), "seconds": round(dt, 3)})
         bar.set_postfix(loss=f"{loss.item():.3f}", N=calls, em=f"{exact.float().mean().item():.2f}")
@@ -673,6 +681,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-filler", type=int, default=d.crop_filler,
                    help="train on fact and question calls cropped to at most this many filler tokens beside the "
                         "fact / before the question (much cheaper steps; default: whole calls)")
+    p.add_argument("--score-prefix", action=argparse.BooleanOptionalAction, default=d.score_prefix,
+                   help="score the space that starts the number with the digits (--no-score-prefix: the digits "
+                        "alone, as runs before this option did)")
     p.add_argument("--curriculum", default=d.curriculum)
     p.add_argument("--bptt-calls", type=int, default=d.bptt_calls)
     p.add_argument("--easy-fraction", type=float, default=d.easy_fraction,
@@ -703,6 +714,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrainConfig:
     return RecallTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              min_lr_ratio=args.min_lr_ratio, crop_filler=args.crop_filler,
+                             score_prefix=args.score_prefix,
                              curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
@@ -763,7 +775,10 @@ def ablation_paths(out: Path, adapters: Path, name: str, seed: int) -> tuple[Pat
 
 def _same_config(previous: dict | None, cfg: RecallTrainConfig) -> bool:
     """Whether a results file's config is `cfg`; fields added since it was written count as their defaults."""
-    return previous is not None and {**jsonable(asdict(RecallTrainConfig())), **previous} == jsonable(asdict(cfg))
+    if previous is None:
+        return False
+    defaults = {**jsonable(asdict(RecallTrainConfig())), "score_prefix": False}   # older runs scored the digits alone
+    return {**defaults, **previous} == jsonable(asdict(cfg))
 
 
 def _same_eval_set(previous: dict | None, cfg: RecallTrainConfig) -> bool:
