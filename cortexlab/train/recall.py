@@ -416,12 +416,13 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
     A, prefix = data.task.key_digits, data.task.answer_prefix
     P = len(prefix)
     A_read = P + A   # the logits read per question: the prefix (the space before the number), then the digits
+    prefix_ids = torch.tensor(prefix, dtype=torch.int64, device=next(cortex.sidecars.parameters()).device)
     far = [d for d in data.distances if d >= 1]
     tallies: dict = {}
 
     def tally(variant, distance, logits, answer):
         exact, digits = answer_metrics(logits[:, P:], answer)
-        spaced = (logits[:, :P].argmax(-1) == torch.tensor(prefix, dtype=torch.int64, device=answer.device)).all(-1)
+        spaced = (logits[:, :P].argmax(-1) == prefix_ids).all(-1)
         t = tallies.setdefault((variant, distance), [0, 0, 0, 0])
         t[0] += int(exact.sum())
         t[1] += int(digits.sum())
@@ -580,6 +581,9 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  "use another --checkpoint-dir or drop --resume")
             start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
 
+    # the space that starts the number, scored before the digits (the easy and main tasks share the tokenizer)
+    P = len(train_task.answer_prefix) if cfg.score_prefix else 0
+    prefix_ids = torch.tensor(train_task.answer_prefix[:P], dtype=torch.int64, device=accelerator.device)
     model.train()
     _unwrap(model).base.eval()   # the frozen base stays in eval mode (no dropout)
     rank = accelerator.process_index
@@ -603,9 +607,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  for i in pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        P = len(task.answer_prefix) if cfg.score_prefix else 0
-        prefix = torch.tensor(task.answer_prefix[:P], dtype=torch.int64, device=batch.answer.device)
-        prefix = prefix.expand(len(batch.answer), -1)
+        prefix = prefix_ids.expand(len(batch.answer), -1)
         logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls, crop=crop,
                                  prefix_tokens=P)
         loss = answer_loss(logits, torch.cat([prefix, batch.answer], dim=1))   # the space before the digits too
