@@ -1,5 +1,5 @@
 """`kernels/` ships as `cortexlab.kernels` from an editable install and from a built wheel,
-and never as a top-level `kernels` module."""
+never as a top-level `kernels` module, and never shadows the hub's `kernels` package."""
 import json
 import os
 import subprocess
@@ -45,15 +45,28 @@ def test_built_wheel_ships_kernels_under_cortexlab(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     found = python(
-        "import importlib.util, cortexlab.kernels as k; print(k.__file__); print(importlib.util.find_spec('kernels'))",
+        "import importlib.util, cortexlab.kernels as k; print(k.__file__); "
+        "print(getattr(importlib.util.find_spec('kernels'), 'origin', None))",
         cwd=tmp_path, PYTHONPATH=str(site),
     ).splitlines()
     assert Path(found[0]) == site / "cortexlab" / "kernels" / "__init__.py"
-    assert found[1] == "None", "a top-level `kernels` module is importable"
+    assert found[1] == "None" or site not in Path(found[1]).parents, "the wheel put a top-level `kernels` module"
 
 
-def test_repository_root_does_not_fool_transformers_kernels_probe():
-    """Even with the repo root on sys.path, transformers must not think the hub `kernels` package exists."""
+def test_repository_root_does_not_shadow_the_hub_kernels_package():
+    """A Python started in the repo root sees kernels/ as a top-level folder. Importing `kernels` there must
+    still give the hub package transformers depends on (and transformers must load), or fail as not installed."""
     pytest.importorskip("transformers")
-    out = python("from transformers.utils.import_utils import is_kernels_available as f; print(f())", cwd=REPO)
-    assert out == "False"
+    try:
+        hub = metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        hub = None
+    if hub is None:   # transformers' probe sees no hub package, so it never imports this folder
+        assert python("import transformers.modeling_utils, sys; print('kernels' in sys.modules)", cwd=REPO) == "False"
+    else:
+        found = python("import transformers.modeling_utils, kernels; print(kernels.__file__)", cwd=REPO)
+        assert Path(found) == Path(hub.locate_file("kernels/__init__.py")).resolve()
+    missing = python("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+                     "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)",
+                     cwd=REPO)    # no hub package: "not installed", never this folder
+    assert missing == "missing kernels"

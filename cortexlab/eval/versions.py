@@ -79,7 +79,7 @@ def block_throughput(lengths: Sequence[int] = (128, 512, 2048), *, d_model: int 
         calls = {name: forward_backward_call(lambda x, b=block: b(x)[0], [x]) for name, block in blocks.items()}
         timing = time_calls(calls, warmup=1, repeats=repeats)
         t1, t2 = timing["v1"].median_s, timing["v2"].median_s
-        rows.append({"T": T, "v1_seconds": round(t1, 4), "v2_seconds": round(t2, 4),
+        rows.append({"T": T, "v1_seconds": round(t1, 6), "v2_seconds": round(t2, 6),
                      "v1_tokens_per_s": round(batch_size * T / t1, 1), "v2_tokens_per_s": round(batch_size * T / t2, 1),
                      "speedup": round(t1 / t2, 2)})
     return rows
