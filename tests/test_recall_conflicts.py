@@ -42,6 +42,7 @@ def test_recipe_writes_readings_before_and_after(tmp_path, one_thread):
         first_second = result[reading]["conflict"]["3"]
         assert set(first_second) == {"first", "second"} and 0 <= result[reading]["plain"]["2"] <= 1
     assert result["config"]["adapter"] == "results/adapters/recall_ctrl" and len(result["history"]) == 1
+    assert result["config"]["score_prefix"] and 0 <= result["history"][0]["prefix_accuracy"] <= 1   # the space too
     assert (adapter / "cortex.safetensors").is_file() and json.loads((adapter / "card.json").read_text())["after"]
     # the saved sidecar holds the trained controller (restored after the neutralised reading), not zeros
     assert max(abs(x) for w in result["controller_weights"].values() for x in w) > 0
@@ -60,3 +61,5 @@ def test_bad_config_raises():
         ConflictFinetuneConfig(plain_fraction=1.5)
     with pytest.raises(ValueError, match="controller_lr"):
         ConflictFinetuneConfig(variant="no_controller", controller_lr=0.02)
+    with pytest.raises(ValueError, match="score_prefix"):
+        ConflictFinetuneConfig(score_prefix="yes")

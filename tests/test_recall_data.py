@@ -29,13 +29,14 @@ def test_smollm2_digits_are_single_tokens_after_a_space(tasks):
 def test_layout_and_labels_only_at_the_answer(tasks, num_calls):
     task = tasks["train"]
     batch = task.batch(num_calls, 4, seed=3)
-    B, N, T, A = 4, num_calls, task.call_tokens, task.key_digits
+    B, N, T, A, P = 4, num_calls, task.call_tokens, task.key_digits, len(task.answer_prefix)
     assert batch.input_ids.shape == batch.labels.shape == (B, N, T) and batch.answer.shape == (B, A)
     assert batch.distance == N - 1
     answer_mask = torch.zeros(B, N, T, dtype=torch.bool)
-    answer_mask[:, -1, T - A:] = True
+    answer_mask[:, -1, T - A - P:] = True                              # the space before the digits, and the digits
     assert (batch.labels[~answer_mask] == -100).all()
     assert torch.equal(batch.labels[:, -1, T - A:], batch.answer)
+    assert (batch.labels[:, -1, T - A - P:T - A] == torch.tensor(task.answer_prefix)).all()
     assert torch.equal(batch.input_ids[:, -1, T - A:], batch.answer)   # teacher forcing: the answer is in the input
     for b, key in enumerate(batch.keys):
         assert len(key) == A and key.isdigit()

@@ -23,6 +23,8 @@ from cortexlab.train import (
     parse_curriculum,
     save_adapter,
     save_checkpoint,
+    score_answer,
+    scored_prefix,
     sidecar_inputs,
     train_recall,
 )
@@ -167,6 +169,26 @@ def test_prefix_accuracy_reads_the_space_before_the_number():
     spaced = (logits[:, 0].argmax(-1) == heldout.answer_prefix[0]).float().mean().item()
     assert logits.shape[1] == 6 and ev["base"]["1"]["prefix_accuracy"] == spaced > 0
     assert not (logits[:, 1].argmax(-1) == heldout.answer_prefix[0]).any()
+
+
+def test_score_answer_scores_the_space_and_the_digits(tokenizer, task):
+    """score_answer's loss is the mean cross-entropy over [space, digits], read at the positions before them;
+    with no prefix it is the digits-only loss, and the digits' logits are the same either way."""
+    model = randomise_(tiny_cortex(tokenizer))
+    batch = task.batch(3, 4, seed=2)
+    prefix = scored_prefix(task, True)
+    assert prefix.tolist() == task.answer_prefix and scored_prefix(task, False).numel() == 0
+    with torch.no_grad():
+        loss, digits, spaced = score_answer(model, batch, prefix)
+        reference = episode_forward(model, batch, prefix_tokens=1)         # [B, 1 + A, V]
+        targets = torch.cat([prefix.expand(4, -1), batch.answer], dim=1)
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference.flatten(0, 1), targets.flatten()))
+        assert torch.equal(digits, reference[:, 1:])
+        assert spaced == (reference[:, 0].argmax(-1) == prefix[0]).float().mean().item()
+        loss0, digits0, spaced0 = score_answer(model, batch, scored_prefix(task, False))
+    assert spaced0 is None and torch.equal(digits0, digits)
+    torch.testing.assert_close(loss0, answer_loss(digits, batch.answer))
+    assert not torch.allclose(loss0, loss)
 
 
 def test_cropped_episode_is_the_same_episode_with_shorter_fact_and_question_calls(tokenizer, task):

@@ -115,6 +115,7 @@ def test_training_lowers_the_held_out_loss_below_the_base():
     assert abs(later["base_segments"] - first["base_segments"]) < 0.1           # the base cannot use more text
     assert first["sidecar_reset"] == pytest.approx(first["sidecar_segments"], abs=1e-5)
     assert len(ev["per_position"]["sidecar_segments"]) == 4 * S and len(ev["per_segment"]["base_segments"]) == 4
+    assert ev["segment_tokens"] == S and set(carried_gain_by_offset(ev, edges=(0, 4))) == {"0-3", f"4-{S - 1}"}
 
 
 def test_carried_gain_by_offset_averages_reset_minus_carried_over_later_segments():
@@ -122,11 +123,16 @@ def test_carried_gain_by_offset_averages_reset_minus_carried_over_later_segments
     reset = [5.0] * (3 * S)
     carried = [5.0] * S + [5.0 - (1.0 if j % S < 2 else 0.25) for j in range(S, 3 * S)]   # first segment: equal
     carried[S + 7] = 5.0 - 0.75                                  # one late token of segment 1 gains more
-    evaluation = {"per_position": {"sidecar_segments": carried, "sidecar_reset": reset}}
-    gain = carried_gain_by_offset(evaluation, S, edges=(0, 2, 4))
+    evaluation = {"segment_tokens": S, "per_position": {"sidecar_segments": carried, "sidecar_reset": reset}}
+    gain = carried_gain_by_offset(evaluation, edges=(0, 2, 4))
     assert gain == {"0-1": 1.0, "2-3": 0.25, "4-7": pytest.approx((7 * 0.25 + 0.75) / 8)}
     with pytest.raises(ValueError, match="edges"):
-        carried_gain_by_offset(evaluation, S, edges=(2, 4))
+        carried_gain_by_offset(evaluation, edges=(2, 4))
     with pytest.raises(ValueError, match="positions"):
-        one_segment = {"per_position": {"sidecar_segments": carried[:S], "sidecar_reset": reset[:S]}}
-        carried_gain_by_offset(one_segment, S, (0, 2))
+        one_segment = {"segment_tokens": S,
+                       "per_position": {"sidecar_segments": carried[:S], "sidecar_reset": reset[:S]}}
+        carried_gain_by_offset(one_segment, (0, 2))
+    with pytest.raises(ValueError, match="positions"):       # a segment length the evaluation did not use
+        carried_gain_by_offset({**evaluation, "segment_tokens": 5}, (0, 2))
+    with pytest.raises(ValueError, match="segment_tokens"):  # not evaluate_longtext's result
+        carried_gain_by_offset({"per_position": evaluation["per_position"]})

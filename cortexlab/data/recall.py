@@ -144,9 +144,11 @@ class RecallBatch:
     """A batch of recall episodes.
 
     input_ids, labels: [B, N, T] (call c of example b is input_ids[b, c]); labels are -100
-    except at the answer digits, the last A tokens of the last call. answer: [B, A], those
-    digits' token ids. keys: the pass keys as strings. second: in a `conflict_batch`, [B, A]
-    the digits of the conflicting key given in call 2 (None otherwise).
+    except at the answer, the last P + A tokens of the last call: the task's `answer_prefix`
+    (the space that starts the number, P tokens) and the A digits, the tokens a recall loss
+    scores (labels[t] = input_ids[t]; a causal LM predicts each from the tokens before it).
+    answer: [B, A], the digits' token ids. keys: the pass keys as strings. second: in a
+    `conflict_batch`, [B, A] the digits of the conflicting key given in call 2 (None otherwise).
     """
 
     input_ids: torch.Tensor
@@ -297,7 +299,8 @@ class RecallTask:
         keys = [key for _, key in episodes]
         answer = torch.tensor([[self.digit_ids[int(c)] for c in key] for key in keys], dtype=torch.int64)
         labels = torch.full_like(input_ids, -100)
-        labels[:, -1, self.call_tokens - self.key_digits:] = answer
+        scored = slice(self.call_tokens - self.answer_tokens, None)      # the space and the digits end call N
+        labels[:, -1, scored] = input_ids[:, -1, scored]
         return RecallBatch(input_ids, labels, answer, keys, self.split, seed)
 
     def conflict_batch(self, num_calls: int, batch_size: int, seed: int) -> RecallBatch:

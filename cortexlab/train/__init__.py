@@ -19,7 +19,7 @@ _EXPORTS = {
     "recall": ("EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss",
                "answer_metrics", "crop_plan", "episode_forward", "evaluate_recall", "load_checkpoint",
                "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
-               "save_checkpoint", "sidecar_inputs", "train_recall"),
+               "save_checkpoint", "score_answer", "scored_prefix", "sidecar_inputs", "train_recall"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -37,5 +37,6 @@ __all__ = [
     "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics", "carried_gain_by_offset", "crop_plan",
     "episode_forward", "evaluate_lm", "evaluate_longtext", "evaluate_recall", "load_checkpoint", "memory_only_depth",
     "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint",
-    "sidecar_inputs", "train_lm", "train_lm_ablation", "train_longtext", "train_recall",
+    "score_answer", "scored_prefix", "sidecar_inputs", "train_lm", "train_lm_ablation", "train_longtext",
+    "train_recall",
 ]

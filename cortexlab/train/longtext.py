@@ -150,7 +150,7 @@ def evaluate_longtext(model, docs: dict[str, torch.Tensor], segment_tokens: int,
     """Per-position and per-segment mean loss of each variant (`VARIANTS`) on the first N S + 1 tokens of
     every document in `docs` ({name: ids}) that is long enough.
 
-    Returns {"documents": [names], "positions": N S, "per_position": {variant: [N S floats]},
+    Returns {"documents": [names], "segment_tokens": S, "positions": N S, "per_position": {variant: [N S floats]},
     "per_segment": {variant: [N floats]}, "mean": {variant: float}, "first_segment" / "later_segments":
     {variant: float}} (losses in nats; position j scores token j + 1).
     """
@@ -172,7 +172,7 @@ def evaluate_longtext(model, docs: dict[str, torch.Tensor], segment_tokens: int,
         module.train(mode)
     per_position = {v: (t / len(names)) for v, t in sums.items()}
     per_segment = {v: t.view(segments, segment_tokens).mean(1) for v, t in per_position.items()}
-    return {"documents": names, "positions": length - 1,
+    return {"documents": names, "segment_tokens": segment_tokens, "positions": length - 1,
             "per_position": {v: [round(x, 5) for x in t.tolist()] for v, t in per_position.items()},
             "per_segment": {v: [round(x, 5) for x in t.tolist()] for v, t in per_segment.items()},
             "mean": {v: round(t.mean().item(), 5) for v, t in per_position.items()},
@@ -181,26 +181,28 @@ def evaluate_longtext(model, docs: dict[str, torch.Tensor], segment_tokens: int,
                                for v, t in per_segment.items()}}
 
 
-def carried_gain_by_offset(evaluation: dict, segment_tokens: int, edges=(0, 8, 32)) -> dict[str, float]:
-    """What the carried memory saves, by a token's offset inside its segment, over the later segments:
+def carried_gain_by_offset(evaluation: dict, edges=(0, 8, 32)) -> dict[str, float]:
+    """What the carried memory saves, by a token's offset inside its segment of S tokens, over the later segments:
 
         gain(band) = mean over positions j >= S with j mod S in band of  loss_reset(j) - loss_carried(j)
 
-    (nats; positive: the memory from earlier segments helped). `evaluation` is `evaluate_longtext`'s result;
-    the bands are [edges[i], edges[i + 1]) and [edges[-1], S). The first segment is left out: there both
-    variants start empty.
+    (nats; positive: the memory from earlier segments helped). `evaluation` is `evaluate_longtext`'s result,
+    which records S; the bands are [edges[i], edges[i + 1]) and [edges[-1], S). The first segment is left out:
+    there both variants start empty.
     """
-    check_int("segment_tokens", segment_tokens)
+    if "segment_tokens" not in evaluation:
+        raise ValueError("evaluation must be evaluate_longtext's result: it has no 'segment_tokens'")
+    S = evaluation["segment_tokens"]
+    check_int("evaluation['segment_tokens']", S)
     edges = list(edges)
-    if not edges or edges[0] != 0 or any(a >= b for a, b in zip(edges, edges[1:])) or edges[-1] >= segment_tokens:
-        raise ValueError(f"edges must rise from 0 and stay below segment_tokens={segment_tokens}, got {edges}")
+    if not edges or edges[0] != 0 or any(a >= b for a, b in zip(edges, edges[1:])) or edges[-1] >= S:
+        raise ValueError(f"edges must rise from 0 and stay below segment_tokens={S}, got {edges}")
     carried = torch.tensor(evaluation["per_position"]["sidecar_segments"], dtype=torch.float64)
     reset = torch.tensor(evaluation["per_position"]["sidecar_reset"], dtype=torch.float64)
-    if len(carried) <= segment_tokens or len(carried) % segment_tokens:
-        raise ValueError(f"the evaluation has {len(carried)} positions: need whole segments of {segment_tokens}, "
-                         "more than one")
-    gap = (reset - carried)[segment_tokens:].view(-1, segment_tokens)
-    bounds = edges + [segment_tokens]
+    if len(carried) <= S or len(carried) % S:
+        raise ValueError(f"the evaluation has {len(carried)} positions: need whole segments of {S}, more than one")
+    gap = (reset - carried)[S:].view(-1, S)
+    bounds = edges + [S]
     return {f"{lo}-{hi - 1}": round(gap[:, lo:hi].mean().item(), 5) for lo, hi in zip(bounds, bounds[1:])}
 
 

@@ -77,7 +77,8 @@ from .common import (
 __all__ = [
     "EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
     "crop_plan", "episode_forward", "evaluate_recall", "load_checkpoint", "memory_only_depth", "neutralise_controller_",
-    "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "sidecar_inputs", "train_recall",
+    "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "score_answer", "scored_prefix",
+    "sidecar_inputs", "train_recall",
 ]
 
 EVAL_SEED = 1_000_003       # held-out episodes use this seed base (training uses the run's seed + step)
@@ -332,6 +333,26 @@ def answer_loss(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), answer.flatten())
 
 
+def scored_prefix(task: RecallTask, score: bool, device=None) -> torch.Tensor:
+    """The answer-prefix token ids `score_answer` scores: the task's `answer_prefix` (score=True), or none."""
+    return torch.tensor(task.answer_prefix if score else [], dtype=torch.int64, device=device)
+
+
+def score_answer(model, batch: RecallBatch, prefix_ids: torch.Tensor, **forward):
+    """The training loss of one batch, scoring the P tokens of `prefix_ids` (the space that starts the number;
+    P = 0: the digits alone) and the A digits:
+
+        loss = mean over the P + A answer tokens of -log p(token | calls so far)
+
+    Returns (loss, the digits' logits [B, A, V], the fraction of episodes whose prefix is the argmax, or None
+    when P = 0). `forward`: `episode_forward`'s options."""
+    P = len(prefix_ids)
+    logits = episode_forward(model, batch, prefix_tokens=P, **forward)
+    loss = answer_loss(logits, torch.cat([prefix_ids.expand(len(batch.answer), -1), batch.answer], dim=1))
+    spaced = (logits[:, :P].detach().argmax(-1) == prefix_ids).all(-1).float().mean().item() if P else None
+    return loss, logits[:, P:], spaced
+
+
 # ---------------------------------------------------------------------------------------
 # evaluation
 
@@ -582,8 +603,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
             start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
 
     # the space that starts the number, scored before the digits (the easy and main tasks share the tokenizer)
-    P = len(train_task.answer_prefix) if cfg.score_prefix else 0
-    prefix_ids = torch.tensor(train_task.answer_prefix[:P], dtype=torch.int64, device=accelerator.device)
+    prefix_ids = scored_prefix(train_task, cfg.score_prefix, accelerator.device)
     model.train()
     _unwrap(model).base.eval()   # the frozen base stays in eval mode (no dropout)
     rank = accelerator.process_index
@@ -607,12 +627,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  for i in pick]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefix = prefix_ids.expand(len(batch.answer), -1)
-        logits = episode_forward(model, batch, features=features, bptt_calls=cfg.bptt_calls, crop=crop,
-                                 prefix_tokens=P)
-        loss = answer_loss(logits, torch.cat([prefix, batch.answer], dim=1))   # the space before the digits too
-        spaced = (logits[:, :P].detach().argmax(-1) == prefix).all(-1).float().mean().item() if P else None
-        logits = logits[:, P:]
+        loss, logits, spaced = score_answer(model, batch, prefix_ids, features=features, bptt_calls=cfg.bptt_calls,
+                                            crop=crop)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None

@@ -14,12 +14,15 @@ Both variants start from the same trained sidecar (`--adapter`, by default the c
     "controller"      the adapter as trained, its controller on
     "no_controller"   the same weights with the controller removed (what the sidecar computes with it neutral)
 Half the training episodes (`plain_fraction`) are ordinary recall episodes, so both must keep answering those.
+The loss scores the space that starts the number as well as the digits (`score_prefix`, as in `recall`);
+the committed results predate that and scored the digits alone (`--no-score-prefix`).
 Readings on held-out episodes, before and after training: exact match on the first key ("first") and on the
 conflicting one ("second") at each number of calls of `eval_calls`, and on plain episodes one call later; for the
 controller variant also with its controller neutralised at test.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -34,7 +37,7 @@ from cortexlab.data.recall import RecallTask
 
 from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
 from .mqar import _ints
-from .recall import answer_loss, answer_metrics, episode_forward, save_adapter
+from .recall import answer_metrics, episode_forward, save_adapter, score_answer, scored_prefix
 
 __all__ = ["VARIANTS", "ConflictFinetuneConfig", "conflict_readings", "finetune_on_conflicts",
            "sidecar_without_controller"]
@@ -58,6 +61,8 @@ class ConflictFinetuneConfig:
     calls: list[int] = field(default_factory=lambda: [3, 4])      # conflict episodes: N drawn from these
     plain_calls: list[int] = field(default_factory=lambda: [2, 3])
     plain_fraction: float = 0.5
+    score_prefix: bool = True       # score the space that starts the number with the digits (`score_answer`);
+                                    # runs saved before this field existed scored the digits alone, as False does
     seed: int = 0
     eval_calls: list[int] = field(default_factory=lambda: [3, 6])
     eval_examples: int = 96
@@ -76,6 +81,8 @@ class ConflictFinetuneConfig:
             raise ValueError("controller_lr applies to the 'controller' variant only (the other has no controller)")
         check_number("grad_clip", self.grad_clip, 0)
         check_number("plain_fraction", self.plain_fraction, 0, 1)
+        if not isinstance(self.score_prefix, bool):
+            raise ValueError(f"score_prefix must be True or False, got {self.score_prefix!r}")
         for name, least in (("calls", 3), ("plain_calls", 2), ("eval_calls", 3)):
             values = getattr(self, name)
             if not values or any(not isinstance(n, int) or isinstance(n, bool) or n < least for n in values):
@@ -141,6 +148,7 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
     scale = (cfg.controller_lr or cfg.lr) / cfg.lr
     optimizer = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": controller, "scale": scale}],
                                   lr=cfg.lr, weight_decay=0.0)
+    prefix_ids = scored_prefix(train_task, cfg.score_prefix)
     model.train()
     model.base.eval()
     history, t0 = [], time.time()
@@ -153,15 +161,15 @@ def finetune_on_conflicts(cfg: ConflictFinetuneConfig, *, progress: bool = True)
             kind, batch = "conflict", train_task.conflict_batch(rng.choice(cfg.calls), cfg.batch_size, seed=step_seed)
         for group in optimizer.param_groups:   # warm-up, then flat
             group["lr"] = group["scale"] * warmup_cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, 1.0)
-        logits = episode_forward(model, batch)
-        loss = answer_loss(logits, batch.answer)
+        loss, logits, spaced = score_answer(model, batch, prefix_ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         history.append({"step": step + 1, "kind": kind, "calls": batch.num_calls, "loss": round(loss.item(), 5),
-                        "exact_match": answer_metrics(logits.detach(), batch.answer)[0].float().mean().item()})
+                        "exact_match": answer_metrics(logits.detach(), batch.answer)[0].float().mean().item(),
+                        "prefix_accuracy": spaced})
     result["train_seconds"] = round(time.time() - t0, 1)
     result["history"] = history
     result["after"] = conflict_readings(model, heldout, cfg)
@@ -197,6 +205,8 @@ def add_cli(sub) -> None:
                    help="learning rate of the controller's weights (default: --lr)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--plain-fraction", type=float, default=d.plain_fraction)
+    p.add_argument("--score-prefix", action=argparse.BooleanOptionalAction, default=d.score_prefix,
+                   help="score the space that starts the number as well as the digits (free generation needs it)")
     for name in ("calls", "plain_calls", "eval_calls"):
         p.add_argument("--" + name.replace("_", "-"), type=_ints, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=None)
