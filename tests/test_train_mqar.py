@@ -1,6 +1,7 @@
 """cortexlab.train.mqar: causal mixers, state sizes, a learned recall effect and the grid recipe's JSON."""
 import json
 import os
+import subprocess
 from dataclasses import asdict, replace
 
 import pytest
@@ -19,6 +20,7 @@ from cortexlab.train.mqar import (
     mqar_grid,
     train_mqar,
 )
+from cortexlab.train import common
 from cortexlab.train.common import jsonable
 
 
@@ -161,6 +163,24 @@ def test_bad_train_settings_raise():
         replace(TINY, mixer="rnn")
     with pytest.raises(ValueError, match="task"):
         replace(TINY, task={"vocab_size": 64})
+
+
+def test_results_name_the_revision_the_run_started_from(tmp_path, one_thread, monkeypatch):
+    """HEAD moves on while a run trains: the results file still names the commit it started from."""
+    heads = iter(f"commit-{i}" for i in range(100))
+
+    def fake_git(cmd, **kwargs):
+        out = next(heads) if "rev-parse" in cmd else ""
+        return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
+
+    monkeypatch.setattr(common.subprocess, "run", fake_git)
+    common._revision_at_first_call.cache_clear()
+    try:
+        main(["mqar", "--quick", "--out", str(tmp_path / "mqar.json"), "--no-progress"])
+        assert next(heads) == "commit-1"                          # git was asked once, at the start
+    finally:
+        common._revision_at_first_call.cache_clear()
+    assert json.loads((tmp_path / "mqar.json").read_text())["git"] == {"commit": "commit-0", "dirty": False}
 
 
 def test_quick_recipe_writes_and_resumes(tmp_path, one_thread, monkeypatch):

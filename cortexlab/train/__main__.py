@@ -8,9 +8,11 @@ import sys
 import torch
 
 from . import conflicts, lm, longtext, mqar, recall, recall_conflicts, smollm2_exits
+from .common import git_revision
 
 
 def main(argv=None) -> int:
+    git_revision()   # the code as the run starts (cached), not as it ends
     parser = argparse.ArgumentParser(prog="python -m cortexlab.train",
                                      description="Train and evaluate: Cortex recall across calls, NeuroLlama on text.")
     sub = parser.add_subparsers(dest="recipe", required=True)

@@ -1,6 +1,7 @@
 """What every training recipe shares: atomic JSON and folder writes, the git revision and the environment."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -57,16 +58,24 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def git_revision() -> dict:
-    """{"commit": HEAD, "dirty": uncommitted changes to tracked files} of the checkout cortexlab runs from."""
+    """{"commit": HEAD, "dirty": uncommitted changes to tracked files} of the checkout cortexlab runs from, as it
+    was at the first call: `python -m cortexlab.train` asks as it starts, so a results file names the code that
+    ran even when the checkout moves on during a long run."""
+    commit, dirty = _revision_at_first_call()
+    return {"commit": commit, "dirty": dirty}
+
+
+@functools.cache
+def _revision_at_first_call() -> tuple[str | None, bool | None]:
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                     capture_output=True, text=True, check=True).stdout.strip())
-        return {"commit": rev, "dirty": dirty}
+        return rev, dirty
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return None, None
 
 
 def environment() -> dict:
