@@ -17,6 +17,7 @@ from cortexlab.train import (
     answer_loss,
     crop_plan,
     episode_forward,
+    evaluate_generation,
     evaluate_recall,
     load_checkpoint,
     neutralise_controller_,
@@ -189,6 +190,26 @@ def test_score_answer_scores_the_space_and_the_digits(tokenizer, task):
     assert spaced0 is None and torch.equal(digits0, digits)
     torch.testing.assert_close(loss0, answer_loss(digits, batch.answer))
     assert not torch.allclose(loss0, loss)
+
+
+def test_free_generation_writes_what_the_teacher_forced_argmax_reads():
+    """With the committed E2 sidecar, greedy `generate` after the question writes the space and the key exactly on
+    the episodes where the teacher-forced argmax gets all of them right (the memory carried between calls, and
+    fed token by token while generating, gives the same outputs as the whole question call at once)."""
+    from cortexlab.cortex import load_with_cortex
+    from cortexlab.results import results_dir
+
+    model = load_with_cortex(adapter=results_dir() / "adapters" / "recall_128")
+    heldout = RecallTask(model.tokenizer, "heldout", call_tokens=128, max_filler_chars=CHARS)
+    generated = evaluate_generation(model, heldout, distances=(1,), examples=8, batch_size=8, seed=11)
+    batch = heldout.batch(2, 8, seed=11)
+    with torch.no_grad():
+        logits = episode_forward(model, batch, prefix_tokens=1)
+    target = torch.cat([torch.tensor(heldout.answer_prefix).expand(8, -1), batch.answer], dim=1)
+    forced = (logits.argmax(-1) == target).all(-1).float().mean().item()
+    assert generated == {"1": forced} and forced >= 0.75
+    with pytest.raises(ValueError, match="distances"):
+        evaluate_generation(model, heldout, distances=(0,))
 
 
 def test_cropped_episode_is_the_same_episode_with_shorter_fact_and_question_calls(tokenizer, task):

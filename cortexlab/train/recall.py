@@ -76,9 +76,9 @@ from .common import (
 
 __all__ = [
     "EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
-    "crop_plan", "episode_forward", "evaluate_recall", "load_checkpoint", "memory_only_depth", "neutralise_controller_",
-    "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "score_answer", "scored_prefix",
-    "sidecar_inputs", "train_recall",
+    "crop_plan", "episode_forward", "evaluate_generation", "evaluate_recall", "load_checkpoint", "memory_only_depth",
+    "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "score_answer",
+    "scored_prefix", "sidecar_inputs", "train_recall",
 ]
 
 EVAL_SEED = 1_000_003       # held-out episodes use this seed base (training uses the run's seed + step)
@@ -485,6 +485,41 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
 
 # ---------------------------------------------------------------------------------------
 # checkpoints (safetensors + JSON, atomic)
+
+
+@torch.no_grad()
+def evaluate_generation(model, task: RecallTask, *, distances=(1, 8), examples: int = 32, batch_size: int = 16,
+                        seed: int = EVAL_SEED) -> dict[str, float]:
+    """Exact match of free generation, no teacher forcing: after the calls before the question (the fact, then
+    d - 1 filler calls), greedy `generate` continues the question call cut before its answer, and an episode
+    counts when the P + A tokens it writes are the answer prefix (the space that starts the number) and the
+    key's digits. Episodes: `task.batch(d + 1, ..., seed=seed + s)`, s the first example of each batch.
+    Returns {str(d): exact match}."""
+    if not distances or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in distances):
+        raise ValueError(f"distances must be ints >= 1 (the fact is in an earlier call), got {distances!r}")
+    check_int("examples", examples)
+    check_int("batch_size", batch_size)
+    cortex = _unwrap(model)
+    was_training = cortex.training
+    cortex.eval()
+    device = next(cortex.sidecars.parameters()).device
+    cut = task.call_tokens - len(task.answer_prefix) - task.key_digits     # the question ends here
+    exact = {}
+    for d in distances:
+        right = 0
+        for s in range(0, examples, batch_size):
+            batch = task.batch(d + 1, min(batch_size, examples - s), seed=seed + s).to(device)
+            memory = None
+            for c in range(d):
+                memory = advance_memory(model, memory, input_ids=batch.input_ids[:, c])
+            written = cortex.generate(batch.input_ids[:, -1, :cut], memory=memory, do_sample=False,
+                                      max_new_tokens=task.call_tokens - cut,
+                                      attention_mask=torch.ones_like(batch.input_ids[:, -1, :cut]))[:, cut:]
+            written = F.pad(written, (0, task.call_tokens - cut - written.shape[1]), value=-1)   # stopped early
+            right += int((written == batch.input_ids[:, -1, cut:]).all(-1).sum())
+        exact[str(d)] = round(right / examples, 4)
+    cortex.train(was_training)
+    return exact
 
 
 def save_adapter(model, path, card: dict | None = None) -> Path:
