@@ -241,7 +241,8 @@ def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
     cfg = RecallTrainConfig(steps=3, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
                             curriculum="0:2-3,0.5:3-4", filler_pool=8, easy_fraction=0.5, easy_call_tokens=24,
                             eval_distances=(0, 2), eval_examples=2, eval_batch_size=2, checkpoint_every=2, lr=1e-2,
-                            crop_filler=8, min_lr_ratio=0.5, warmup_steps=1)
+                            crop_filler=8, min_lr_ratio=0.5, warmup_steps=1, generation_distances=(1,),
+                            generation_examples=2)
     first = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
                          checkpoint_dir=tmp_path, progress=False)
     assert [h["step"] for h in first["history"]] == [1, 2, 3]
@@ -250,6 +251,7 @@ def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
     assert [h["lr"] for h in first["history"]] == pytest.approx([1e-2, 1e-2, 0.75e-2])   # cosine towards 0.5 lr
     assert first["data"]["easy"]["call_tokens"] == 24 and first["data"]["train"]["call_tokens"] == 48
     assert set(first["eval"]) == {"sidecar", "reset", "base", "chance"}
+    assert set(first["generation"]["exact_match"]) == {"1"} and 0 <= first["generation"]["exact_match"]["1"] <= 1
     assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3
     # resume from step 2 (drop the last checkpoint): the same data stream gives the same step 3
     import shutil
@@ -285,6 +287,8 @@ def test_config_and_curriculum_validation():
         RecallTrainConfig(min_lr_ratio=2.0)
     with pytest.raises(ValueError, match="score_prefix"):
         RecallTrainConfig(score_prefix=1)
+    with pytest.raises(ValueError, match="generation_distances"):
+        RecallTrainConfig(generation_distances=(0,))
     # a run saved before score_prefix existed scored the digits alone: it matches False, not the new default
     from cortexlab.train.recall import _same_config
 

@@ -121,12 +121,15 @@ class RecallTrainConfig:
     # evaluation and bookkeeping
     eval_distances: tuple[int, ...] = DEFAULT_DISTANCES
     eval_examples: int = 64
+    generation_distances: tuple[int, ...] = (1, 8)   # free generation (`evaluate_generation`) after training
+    generation_examples: int = 32
     eval_batch_size: int = 16
     checkpoint_every: int = 50
     log_every: int = 10                  # write <checkpoint_dir>/progress.json every this many steps
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "call_tokens", "key_digits", "eval_examples", "eval_batch_size",
+                     "generation_examples",
                      "checkpoint_every", "log_every"):
             check_int(name, getattr(self, name))
         for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
@@ -145,6 +148,9 @@ class RecallTrainConfig:
         self.eval_distances = tuple(self.eval_distances)
         if not self.eval_distances or any(not isinstance(d, int) or d < 0 for d in self.eval_distances):
             raise ValueError(f"eval_distances must be non-negative ints, got {self.eval_distances!r}")
+        self.generation_distances = tuple(self.generation_distances)
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in self.generation_distances):
+            raise ValueError(f"generation_distances must be ints >= 1, got {self.generation_distances!r}")
         parse_curriculum(self.curriculum)
 
     def cortex_config(self) -> CortexWrapConfig:
@@ -700,6 +706,10 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                                  batch_size=cfg.eval_batch_size, progress=progress)
         result["eval"] = evaluate_recall(unwrapped, eval_set, progress=progress)
         result["eval_set"] = eval_set.describe()
+        if cfg.generation_distances:   # what a chat would see: the model writes the answer itself
+            result["generation"] = {"exact_match": evaluate_generation(
+                unwrapped, heldout, distances=cfg.generation_distances, examples=cfg.generation_examples,
+                batch_size=cfg.eval_batch_size), "examples": cfg.generation_examples, "seed": EVAL_SEED}
         result["eval_seconds"] = round(time.time() - t0, 1)
     result["wall_seconds"] = round(time.time() - t_start, 1)
     result["model"] = unwrapped
@@ -755,6 +765,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="add the sliding-window attention beside the memory (default off, as in the DESIGN probe)")
     p.add_argument("--eval-distances", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.eval_distances)
     p.add_argument("--eval-examples", type=int, default=d.eval_examples)
+    p.add_argument("--generation-distances", type=lambda s: tuple(int(x) for x in s.split(",") if x),
+                   default=d.generation_distances,
+                   help="distances at which free generation is scored after training ('': none)")
+    p.add_argument("--generation-examples", type=int, default=d.generation_examples)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--checkpoint-dir", default=None,
@@ -775,6 +789,8 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
                              num_heads=args.heads, controller=controller, use_hybrid=args.hybrid,
                              eval_distances=args.eval_distances, eval_examples=args.eval_examples,
+                             generation_distances=args.generation_distances,
+                             generation_examples=args.generation_examples,
                              eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every)
 
 
