@@ -193,9 +193,9 @@ def test_score_answer_scores_the_space_and_the_digits(tokenizer, task):
 
 
 def test_free_generation_writes_what_the_teacher_forced_argmax_reads():
-    """With the committed E2 sidecar, greedy `generate` after the question writes the space and the key exactly on
-    the episodes where the teacher-forced argmax gets all of them right (the memory carried between calls, and
-    fed token by token while generating, gives the same outputs as the whole question call at once)."""
+    """With the committed E2 sidecar, greedy `generate` after the question writes the space and the key as often
+    as the teacher-forced argmax gets all of them right on the same episodes (the memory carried between calls,
+    and fed token by token while generating, gives the same outputs as the whole question call at once)."""
     from cortexlab.cortex import load_with_cortex
     from cortexlab.results import results_dir
 
@@ -292,10 +292,14 @@ def test_config_and_curriculum_validation():
     # a run saved before score_prefix existed scored the digits alone: it matches False, not the new default
     from cortexlab.train.recall import _same_config
 
-    old = {k: v for k, v in json.loads(json.dumps(RecallTrainConfig().__dict__)).items() if k != "score_prefix"}
+    added = ("score_prefix", "generation_distances", "generation_examples")     # fields newer than such a run
+    old = {k: v for k, v in json.loads(json.dumps(RecallTrainConfig().__dict__)).items() if k not in added}
     old["eval_distances"] = list(old["eval_distances"])
     assert _same_config(old, RecallTrainConfig(score_prefix=False))
     assert not _same_config(old, RecallTrainConfig())
+    # what is measured after training is not part of the run: free generation elsewhere, or none, is the same run
+    assert _same_config(old, RecallTrainConfig(score_prefix=False, generation_distances=(), generation_examples=4))
+    assert not _same_config(old, RecallTrainConfig(score_prefix=False, steps=401))
 
 
 def test_ablation_over_seeds_reuses_finished_runs_and_averages_them(tmp_path, monkeypatch):

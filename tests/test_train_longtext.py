@@ -131,8 +131,8 @@ def test_carried_gain_by_offset_averages_reset_minus_carried_over_later_segments
     with pytest.raises(ValueError, match="positions"):
         one_segment = {"segment_tokens": S,
                        "per_position": {"sidecar_segments": carried[:S], "sidecar_reset": reset[:S]}}
-        carried_gain_by_offset(one_segment, (0, 2))
+        carried_gain_by_offset(one_segment, edges=(0, 2))
     with pytest.raises(ValueError, match="positions"):       # a segment length the evaluation did not use
-        carried_gain_by_offset({**evaluation, "segment_tokens": 5}, (0, 2))
+        carried_gain_by_offset({**evaluation, "segment_tokens": 5}, edges=(0, 2))
     with pytest.raises(ValueError, match="segment_tokens"):  # not evaluate_longtext's result
         carried_gain_by_offset({"per_position": evaluation["per_position"]})

@@ -174,13 +174,13 @@ def test_results_name_the_revision_the_run_started_from(tmp_path, one_thread, mo
         return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
 
     monkeypatch.setattr(common.subprocess, "run", fake_git)
-    common._revision_at_first_call.cache_clear()
     try:
+        common.git_revision(refresh=True)                         # an earlier revision, cached before the run
         main(["mqar", "--quick", "--out", str(tmp_path / "mqar.json"), "--no-progress"])
-        assert next(heads) == "commit-1"                          # git was asked once, at the start
+        assert next(heads) == "commit-2"                          # asked again as the run started, not at its end
     finally:
-        common._revision_at_first_call.cache_clear()
-    assert json.loads((tmp_path / "mqar.json").read_text())["git"] == {"commit": "commit-0", "dirty": False}
+        common._revision_at_first_call.cache_clear()                # forget the fake revisions
+    assert json.loads((tmp_path / "mqar.json").read_text())["git"] == {"commit": "commit-1", "dirty": False}
 
 
 def test_quick_recipe_writes_and_resumes(tmp_path, one_thread, monkeypatch):

@@ -315,8 +315,9 @@ def quiet():
 
 
 def main(argv=None) -> int:
-    from cortexlab.train.common import write_json_atomic
+    from cortexlab.train.common import git_revision, write_json_atomic
 
+    git_revision(refresh=True)   # the code as the run starts
     parser = argparse.ArgumentParser(prog="python -m cortexlab.eval.hook_effects", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, a few seconds (what the tests run)")
     parser.add_argument("--out", required=True, help="JSON output path")

@@ -247,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    git_revision(refresh=True)   # the code as the run starts
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_versions(args.adapter, args.recall_results, lengths=args.lengths, horizon=args.horizon,

@@ -12,7 +12,7 @@ from .common import git_revision
 
 
 def main(argv=None) -> int:
-    git_revision()   # the code as the run starts (cached), not as it ends
+    git_revision(refresh=True)   # the code as the run starts, not as it ends
     parser = argparse.ArgumentParser(prog="python -m cortexlab.train",
                                      description="Train and evaluate: Cortex recall across calls, NeuroLlama on text.")
     sub = parser.add_subparsers(dest="recipe", required=True)

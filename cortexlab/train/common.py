@@ -57,10 +57,12 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
-def git_revision() -> dict:
+def git_revision(*, refresh: bool = False) -> dict:
     """{"commit": HEAD, "dirty": uncommitted changes to tracked files} of the checkout cortexlab runs from, as it
-    was at the first call: `python -m cortexlab.train` asks as it starts, so a results file names the code that
-    ran even when the checkout moves on during a long run."""
+    was at the first call or the last one with refresh=True. The command lines refresh it as they start, so a
+    results file names the code that ran even when the checkout moves on during a long run."""
+    if refresh:
+        _revision_at_first_call.cache_clear()
     commit, dirty = _revision_at_first_call()
     return {"commit": commit, "dirty": dirty}
 

@@ -181,7 +181,7 @@ def evaluate_longtext(model, docs: dict[str, torch.Tensor], segment_tokens: int,
                                for v, t in per_segment.items()}}
 
 
-def carried_gain_by_offset(evaluation: dict, edges=(0, 8, 32)) -> dict[str, float]:
+def carried_gain_by_offset(evaluation: dict, *, edges=(0, 8, 32)) -> dict[str, float]:
     """What the carried memory saves, by a token's offset inside its segment of S tokens, over the later segments:
 
         gain(band) = mean over positions j >= S with j mod S in band of  loss_reset(j) - loss_carried(j)

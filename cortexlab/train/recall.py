@@ -34,6 +34,8 @@ answer digits (all A argmax predictions right), per-digit accuracy and the accur
 space before the number ("prefix_accuracy") on held-out episodes vs distance in calls, for
 the trained sidecar and two baselines: "reset" (the sidecar with its memory reset before the
 question call) and "base" (the bare base model, `model.disabled()`). Chance: 10^-A exact match, 1/10 per digit.
+`evaluate_generation`: exact match when the model writes the answer itself (greedy `generate`, no teacher
+forcing), which the recipe also records after training.
 
 Recipe "recall-ablation": the controller ablation; trains the recipe with and without the
 metacognitive controller (same seed, data and steps) and also evaluates the controller-trained
@@ -87,6 +89,9 @@ DEFAULT_DISTANCES = (0, 1, 2, 4, 8, 16)
 
 # ---------------------------------------------------------------------------------------
 # configuration
+
+
+AFTER_TRAINING = ("generation_distances", "generation_examples")   # config fields that do not change training
 
 
 @dataclass
@@ -489,43 +494,49 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
     return results
 
 
-# ---------------------------------------------------------------------------------------
-# checkpoints (safetensors + JSON, atomic)
-
-
 @torch.no_grad()
 def evaluate_generation(model, task: RecallTask, *, distances=(1, 8), examples: int = 32, batch_size: int = 16,
                         seed: int = EVAL_SEED) -> dict[str, float]:
     """Exact match of free generation, no teacher forcing: after the calls before the question (the fact, then
     d - 1 filler calls), greedy `generate` continues the question call cut before its answer, and an episode
     counts when the P + A tokens it writes are the answer prefix (the space that starts the number) and the
-    key's digits. Episodes: `task.batch(d + 1, ..., seed=seed + s)`, s the first example of each batch.
-    Returns {str(d): exact match}."""
+    key's digits. Episodes: `task.batch(d + 1, ..., seed=seed + s)`, s the first example of each batch (not
+    `RecallEvalSet`'s episodes). Greedy decoding writes exactly the tokens whose teacher-forced argmax is right,
+    so this checks that the model, generating as a chat would, gets what `evaluate_recall` reads. Returns
+    {str(d): exact match}."""
     if not distances or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in distances):
         raise ValueError(f"distances must be ints >= 1 (the fact is in an earlier call), got {distances!r}")
     check_int("examples", examples)
     check_int("batch_size", batch_size)
     cortex = _unwrap(model)
-    was_training = cortex.training
+    modes = {module: module.training for module in cortex.modules()}
     cortex.eval()
     device = next(cortex.sidecars.parameters()).device
     cut = task.call_tokens - len(task.answer_prefix) - task.key_digits     # the question ends here
     exact = {}
-    for d in distances:
-        right = 0
-        for s in range(0, examples, batch_size):
-            batch = task.batch(d + 1, min(batch_size, examples - s), seed=seed + s).to(device)
-            memory = None
-            for c in range(d):
-                memory = advance_memory(model, memory, input_ids=batch.input_ids[:, c])
-            written = cortex.generate(batch.input_ids[:, -1, :cut], memory=memory, do_sample=False,
-                                      max_new_tokens=task.call_tokens - cut,
-                                      attention_mask=torch.ones_like(batch.input_ids[:, -1, :cut]))[:, cut:]
-            written = F.pad(written, (0, task.call_tokens - cut - written.shape[1]), value=-1)   # stopped early
-            right += int((written == batch.input_ids[:, -1, cut:]).all(-1).sum())
-        exact[str(d)] = round(right / examples, 4)
-    cortex.train(was_training)
+    try:
+        for d in distances:
+            right = 0
+            for s in range(0, examples, batch_size):
+                batch = task.batch(d + 1, min(batch_size, examples - s), seed=seed + s).to(device)
+                memory = None
+                for c in range(d):
+                    memory = advance_memory(model, memory, input_ids=batch.input_ids[:, c])
+                question = batch.input_ids[:, -1, :cut]
+                written = cortex.generate(question, memory=memory, attention_mask=torch.ones_like(question),
+                                          max_new_tokens=task.call_tokens - cut, do_sample=False,
+                                          repetition_penalty=1.0, no_repeat_ngram_size=0)[:, cut:]   # plain greedy
+                written = F.pad(written, (0, task.call_tokens - cut - written.shape[1]), value=-1)  # stopped early
+                right += int((written == batch.input_ids[:, -1, cut:]).all(-1).sum())
+            exact[str(d)] = round(right / examples, 4)
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
     return exact
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints (safetensors + JSON, atomic)
 
 
 def save_adapter(model, path, card: dict | None = None) -> Path:
@@ -638,7 +649,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     if resume and checkpoint_dir is not None:
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         if state is not None:
-            if state.get("config") != jsonable(asdict(cfg)):
+            if not _same_config(state.get("config"), cfg):
                 raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different config; "
                                  "use another --checkpoint-dir or drop --resume")
             start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
@@ -805,6 +816,7 @@ def _checkpoint_dir(args, name: str) -> Path:
 def _card(result: dict, out: Path) -> dict:
     return {"task": "recall across calls (cortexlab.data.recall)", "command": result["command"], "git": result["git"],
             "seeds": result["seeds"], "config": result["config"], "eval": result.get("eval"),
+            "generation": result.get("generation"),
             "train_seconds": result["train_seconds"], "results_file": str(out)}
 
 
@@ -843,11 +855,13 @@ def ablation_paths(out: Path, adapters: Path, name: str, seed: int) -> tuple[Pat
 
 
 def _same_config(previous: dict | None, cfg: RecallTrainConfig) -> bool:
-    """Whether a results file's config is `cfg`; fields added since it was written count as their defaults."""
+    """Whether a saved run's config is `cfg`, up to the fields that only choose what is measured after training
+    (`AFTER_TRAINING`); fields added since it was written count as their defaults."""
     if previous is None:
         return False
     defaults = {**jsonable(asdict(RecallTrainConfig())), "score_prefix": False}   # older runs scored the digits alone
-    return {**defaults, **previous} == jsonable(asdict(cfg))
+    ours = jsonable(asdict(cfg))
+    return all({**defaults, **previous}[k] == v for k, v in ours.items() if k not in AFTER_TRAINING)
 
 
 def _same_eval_set(previous: dict | None, cfg: RecallTrainConfig) -> bool:
