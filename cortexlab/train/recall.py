@@ -134,8 +134,7 @@ class RecallTrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "call_tokens", "key_digits", "eval_examples", "eval_batch_size",
-                     "generation_examples",
-                     "checkpoint_every", "log_every"):
+                     "generation_examples", "checkpoint_every", "log_every"):
             check_int(name, getattr(self, name))
         for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
             check_int(name, getattr(self, name), 0)
