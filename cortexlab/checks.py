@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_int", "check_number"]
+__all__ = ["check_bool", "check_int", "check_number"]
+
+
+def check_bool(name: str, value) -> None:
+    """`value` must be True or False (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_int(name: str, value, minimum: int = 1, *, allow_none: bool = False) -> None:

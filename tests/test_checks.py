@@ -6,7 +6,15 @@ import math
 import numpy as np
 import pytest
 
-from cortexlab.checks import check_int, check_number
+from cortexlab.checks import check_bool, check_int, check_number
+
+
+def test_check_bool_takes_only_true_and_false():
+    check_bool("flag", True)
+    check_bool("flag", False)
+    for bad in (1, 0, "yes", None, np.bool_(True)):
+        with pytest.raises(ValueError, match="flag must be True or False"):
+            check_bool("flag", bad)
 
 
 @pytest.mark.parametrize("value, minimum", [(1, 1), (7, 1), (0, 0), (2, 2), (-3, -5)])

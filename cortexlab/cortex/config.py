@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from cortexlab.checks import check_int, check_number
+from cortexlab.checks import check_bool, check_int, check_number
 
 FORGET_GATES = ("log", "sigmoid")
 DEFAULT_FORGET_BIAS = {"log": -7.0, "sigmoid": 2.0}
@@ -71,8 +71,7 @@ class CortexWrapConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_int("entropy_layer", self.entropy_layer, 0, allow_none=True)
         for name in ("controller", "use_hybrid", "window_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if not (isinstance(self.norm_eps, float) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
 

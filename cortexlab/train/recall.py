@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cortexlab.checks import check_int, check_number
+from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
@@ -139,8 +139,7 @@ class RecallTrainConfig:
         for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
             check_int(name, getattr(self, name), 0)
         check_number("easy_fraction", self.easy_fraction, 0, 1)
-        if not isinstance(self.score_prefix, bool):
-            raise ValueError(f"score_prefix must be True or False, got {self.score_prefix!r}")
+        check_bool("score_prefix", self.score_prefix)
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
         if self.easy_filler not in FILLERS:
             raise ValueError(f"easy_filler must be one of {FILLERS}, got {self.easy_filler!r}")
@@ -859,8 +858,8 @@ def _same_config(previous: dict | None, cfg: RecallTrainConfig) -> bool:
     if previous is None:
         return False
     defaults = {**jsonable(asdict(RecallTrainConfig())), "score_prefix": False}   # older runs scored the digits alone
-    ours = jsonable(asdict(cfg))
-    return all({**defaults, **previous}[k] == v for k, v in ours.items() if k not in AFTER_TRAINING)
+    theirs = {**defaults, **previous}
+    return all(theirs[k] == v for k, v in jsonable(asdict(cfg)).items() if k not in AFTER_TRAINING)
 
 
 def _same_eval_set(previous: dict | None, cfg: RecallTrainConfig) -> bool:

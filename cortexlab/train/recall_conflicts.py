@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cortexlab.checks import check_int, check_number
+from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexModel, attach_cortex, load_with_cortex, neutralise_controller_
 from cortexlab.data.recall import RecallTask
 
@@ -81,8 +81,7 @@ class ConflictFinetuneConfig:
             raise ValueError("controller_lr applies to the 'controller' variant only (the other has no controller)")
         check_number("grad_clip", self.grad_clip, 0)
         check_number("plain_fraction", self.plain_fraction, 0, 1)
-        if not isinstance(self.score_prefix, bool):
-            raise ValueError(f"score_prefix must be True or False, got {self.score_prefix!r}")
+        check_bool("score_prefix", self.score_prefix)
         for name, least in (("calls", 3), ("plain_calls", 2), ("eval_calls", 3)):
             values = getattr(self, name)
             if not values or any(not isinstance(n, int) or isinstance(n, bool) or n < least for n in values):
