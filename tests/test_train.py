@@ -19,6 +19,7 @@ from cortexlab.train import (
     episode_forward,
     evaluate_generation,
     evaluate_recall,
+    evaluation_mode,
     load_checkpoint,
     neutralise_controller_,
     parse_curriculum,
@@ -139,7 +140,10 @@ def test_eval_baselines_and_neutralised_controller(tokenizer, task):
     # the features path (single sidecar layer) equals the plain path (model without features)
     randomise_(model)
     eval_set = RecallEvalSet(model, heldout, distances=(1, 2), examples=3, batch_size=2)
+    model.train()
+    model.base.eval()   # as in training: the sidecars train, the frozen base stays in eval mode
     fast = evaluate_recall(model, eval_set)
+    assert model.sidecars.training and not any(m.training for m in model.base.modules())
     eval_set.layer = None
     assert evaluate_recall(model, eval_set) == fast
     # neutralising the controller leaves exactly the controller-free sidecar with the same weights
@@ -148,6 +152,19 @@ def test_eval_baselines_and_neutralised_controller(tokenizer, task):
     assert neutralise_controller_(model) == 1 and neutralise_controller_(plain) == 0
     batch = heldout.batch(3, 2, seed=0)
     torch.testing.assert_close(episode_forward(model, batch), episode_forward(plain, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_mode_restores_each_module_mode_also_on_error(tokenizer):
+    model = tiny_cortex(tokenizer, controller=True)
+    model.train()
+    model.base.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert len(set(modes.values())) == 2   # mixed: the sidecars train, the base does not
+    with pytest.raises(RuntimeError, match="inside"):
+        with evaluation_mode(model) as inside:
+            assert inside is model and not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert {name: m.training for name, m in model.named_modules()} == modes
 
 
 def test_prefix_accuracy_reads_the_space_before_the_number():
@@ -198,6 +215,7 @@ def test_free_generation_writes_what_the_teacher_forced_argmax_reads():
     and fed token by token while generating, gives the same outputs as the whole question call at once)."""
     from cortexlab.cortex import load_with_cortex
     from cortexlab.results import results_dir
+    from cortexlab.train.recall import _generation_episodes
 
     model = load_with_cortex(adapter=results_dir() / "adapters" / "recall_128")
     heldout = RecallTask(model.tokenizer, "heldout", call_tokens=128, max_filler_chars=CHARS)
@@ -210,6 +228,23 @@ def test_free_generation_writes_what_the_teacher_forced_argmax_reads():
     assert generated == {"1": forced} and forced >= 0.75
     with pytest.raises(ValueError, match="distances"):
         evaluate_generation(model, heldout, distances=(0,))
+    # on a RecallEvalSet: the very episodes evaluate_recall reads (from precomputed sidecar inputs), same answer
+    eval_set = RecallEvalSet(model, heldout, distances=(1, 3), examples=8, batch_size=4, seed=11)
+    before, question, features = next(_generation_episodes(model, eval_set, 1, 8, 4, 11))
+    episode = eval_set.chunks[0]["episode"].input_ids   # the fact call, two filler calls, the question call
+    assert torch.equal(before, episode[:, :1]) and torch.equal(question, episode[:, 3])
+    assert features is eval_set.chunks[0]["features"]
+    forced = evaluate_recall(model, eval_set, variants=("sidecar",))["sidecar"]
+    assert all(forced[d]["prefix_accuracy"] == 1.0 for d in ("1", "3"))   # so exact match is prefix and digits
+    expected = {d: round(forced[d]["exact_match"], 4) for d in ("1", "3")}   # generation rounds to 4 places
+    assert evaluate_generation(model, eval_set, distances=(1, 3)) == expected
+    eval_set.layer = None   # the plain path through the calls' token ids gives the same
+    assert next(_generation_episodes(model, eval_set, 1, 8, 4, 11))[2] is None
+    assert evaluate_generation(model, eval_set, distances=(3,)) == {"3": expected["3"]}
+    with pytest.raises(ValueError, match=r"distances \[2\] are not in the eval set"):
+        evaluate_generation(model, eval_set, distances=(2,))
+    with pytest.raises(TypeError, match="data must be"):
+        evaluate_generation(model, "heldout")
 
 
 def test_cropped_episode_is_the_same_episode_with_shorter_fact_and_question_calls(tokenizer, task):

@@ -9,11 +9,13 @@
 - `longtext`: E3, a sidecar trained on long stdlib text read in segments; loss by token position.
 - `mqar`: E1, multi-query associative recall with small models trained from scratch.
 - `conflicts`: the metacognitive controller's ablation on MQAR with conflicting re-bindings ("controller-ablation").
-- `common`: atomic result and checkpoint writes, the git revision and environment recorded with results.
+- `common`: atomic result and checkpoint writes, the git revision and environment recorded with results,
+  `evaluation_mode` (eval mode for a block, each module's own mode restored after it).
 """
 import importlib
 
 _EXPORTS = {
+    "common": ("evaluation_mode",),
     "longtext": ("LongTextConfig", "carried_gain_by_offset", "evaluate_longtext", "train_longtext"),
     "lm": ("ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "train_lm", "train_lm_ablation"),
     "recall": ("EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss",
@@ -35,7 +37,8 @@ def __getattr__(name: str):
 __all__ = [
     "ABLATION_VARIANTS", "CropPlan", "EVAL_SEED", "LMTrainConfig", "LongTextConfig", "RecallEvalSet",
     "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics", "carried_gain_by_offset", "crop_plan",
-    "episode_forward", "evaluate_generation", "evaluate_lm", "evaluate_longtext", "evaluate_recall", "load_checkpoint",
+    "episode_forward", "evaluate_generation", "evaluate_lm", "evaluate_longtext", "evaluate_recall", "evaluation_mode",
+    "load_checkpoint",
     "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
     "save_checkpoint", "score_answer", "scored_prefix", "sidecar_inputs", "train_lm", "train_lm_ablation",
     "train_longtext", "train_recall",

@@ -1,6 +1,7 @@
 """What every training recipe shares: atomic JSON and folder writes, the git revision and the environment."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -113,6 +114,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, param_groups: l
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """`model` and all its submodules in eval mode inside the block (yields `model`); afterwards, also on error,
+    each module back in its own mode, so a frozen base kept in eval mode while its sidecar trains stays there."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
 
 
 def warmup_cosine_lr(step: int, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:

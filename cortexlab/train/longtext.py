@@ -39,7 +39,7 @@ from cortexlab.checks import check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.data import stdlib_documents
 
-from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
+from .common import environment, evaluation_mode, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
 
 __all__ = ["LongTextConfig", "carried_gain_by_offset", "evaluate_longtext", "full_context_losses", "random_windows",
            "segment_losses", "train_longtext"]
@@ -158,18 +158,15 @@ def evaluate_longtext(model, docs: dict[str, torch.Tensor], segment_tokens: int,
     names = [name for name, ids in docs.items() if len(ids) >= length]
     if not names:
         raise ValueError(f"no document has {length} tokens (segments={segments} x segment_tokens={segment_tokens})")
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     sums = {v: torch.zeros(length - 1, dtype=torch.float64) for v in VARIANTS}
-    for s in range(0, len(names), batch_size):
-        ids = torch.stack([docs[n][:length] for n in names[s:s + batch_size]])
-        ids = ids.to(next(model.parameters()).device)
-        sums["base_segments"] += segment_losses(model, ids, segment_tokens, disabled=True).sum(0).double().cpu()
-        sums["sidecar_segments"] += segment_losses(model, ids, segment_tokens).sum(0).double().cpu()
-        sums["sidecar_reset"] += segment_losses(model, ids, segment_tokens, carry=False).sum(0).double().cpu()
-        sums["base_full_context"] += full_context_losses(model, ids).sum(0).double().cpu()
-    for module, mode in modes.items():
-        module.train(mode)
+    with evaluation_mode(model):
+        for s in range(0, len(names), batch_size):
+            ids = torch.stack([docs[n][:length] for n in names[s:s + batch_size]])
+            ids = ids.to(next(model.parameters()).device)
+            sums["base_segments"] += segment_losses(model, ids, segment_tokens, disabled=True).sum(0).double().cpu()
+            sums["sidecar_segments"] += segment_losses(model, ids, segment_tokens).sum(0).double().cpu()
+            sums["sidecar_reset"] += segment_losses(model, ids, segment_tokens, carry=False).sum(0).double().cpu()
+            sums["base_full_context"] += full_context_losses(model, ids).sum(0).double().cpu()
     per_position = {v: (t / len(names)) for v, t in sums.items()}
     per_segment = {v: t.view(segments, segment_tokens).mean(1) for v, t in per_position.items()}
     return {"documents": names, "segment_tokens": segment_tokens, "positions": length - 1,

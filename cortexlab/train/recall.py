@@ -35,7 +35,8 @@ space before the number ("prefix_accuracy") on held-out episodes vs distance in 
 the trained sidecar and two baselines: "reset" (the sidecar with its memory reset before the
 question call) and "base" (the bare base model, `model.disabled()`). Chance: 10^-A exact match, 1/10 per digit.
 `evaluate_generation`: exact match when the model writes the answer itself (greedy `generate`, no teacher
-forcing), which the recipe also records after training.
+forcing), on a `RecallEvalSet`'s episodes (the ones `evaluate_recall` reads) or on fresh ones from a task; the
+recipe records it after training.
 
 Recipe "recall-ablation": the controller ablation; trains the recipe with and without the
 metacognitive controller (same seed, data and steps) and also evaluates the controller-trained
@@ -67,6 +68,7 @@ from cortexlab.data.recall import FILLERS, RecallBatch, RecallTask
 
 from .common import (
     environment,
+    evaluation_mode,
     git_revision,
     jsonable,
     publish_dir_atomic,
@@ -367,7 +369,7 @@ def score_answer(model, batch: RecallBatch, prefix_ids: torch.Tensor, **forward)
 
 
 class RecallEvalSet:
-    """Held-out episodes for `evaluate_recall`, with the frozen base's work done once.
+    """Held-out episodes for `evaluate_recall` and `evaluate_generation`, with the frozen base's work done once.
 
     For each chunk of examples: one episode of D+1 calls (D = the largest distance; the
     fact call, D-1 filler calls, the question call) serves every distance d >= 1: the
@@ -409,6 +411,12 @@ class RecallEvalSet:
             self.chunks.append(chunk)
         bar.close()
 
+    def features_fit(self, model) -> bool:
+        """Whether the precomputed sidecar inputs are what `model`'s sidecar reads: the same single layer, and
+        the entropy signal from the same layer when it has a controller."""
+        return self.layer is not None and self.layer == single_sidecar_layer(model) and (
+            not _unwrap(model).config.controller or self.entropy_layer == entropy_layer(model))
+
     def describe(self) -> dict:
         return {"split": self.task.split, "examples": self.examples, "seed": self.seed, "distances": self.distances,
                 "layout": "distance d >= 1: the question call is asked after the fact call and d-1 filler calls "
@@ -439,10 +447,7 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
     elif not isinstance(data, RecallEvalSet):
         raise TypeError(f"data must be a RecallEvalSet or RecallTask, got {type(data).__name__}")
     cortex = _unwrap(model)
-    use_features = data.layer is not None and data.layer == single_sidecar_layer(model) and (
-        not cortex.config.controller or data.entropy_layer == entropy_layer(model))
-    was_training = cortex.training
-    cortex.eval()
+    use_features = data.features_fit(model)
     A, prefix = data.task.key_digits, data.task.answer_prefix
     P = len(prefix)
     A_read = P + A   # the logits read per question: the prefix (the space before the number), then the digits
@@ -459,31 +464,31 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
         t[2] += answer.shape[0]
         t[3] += int(spaced.sum())
 
-    for chunk in tqdm(data.chunks, desc="eval recall", disable=not progress, leave=False):
-        single, episode = chunk["single"], chunk["episode"]
-        if single is not None:   # one call: "sidecar" and "reset" are the same computation
-            logits = {}
-            for variant in variants:
-                key = "base" if variant == "base" else "memory"
-                if key not in logits:
-                    logits[key] = question_logits(model, single.input_ids[:, 0], None, A_read,
-                                                  disabled=key == "base")
-                tally(variant, 0, logits[key], single.answer)
-        if episode is None:
-            continue
-        question = episode.input_ids[:, -1]
-        if "sidecar" in variants:
-            memory = None
-            for c in range(far[-1]):
-                feats = chunk["features"][c] if use_features else None
-                memory = advance_memory(model, memory, input_ids=episode.input_ids[:, c], features=feats)
-                if c + 1 in far:
-                    tally("sidecar", c + 1, question_logits(model, question, memory, A_read), episode.answer)
-        for variant in {"reset", "base"} & set(variants):
-            logits = question_logits(model, question, None, A_read, disabled=variant == "base")
-            for d in far:
-                tally(variant, d, logits, episode.answer)
-    cortex.train(was_training)
+    with evaluation_mode(cortex):
+        for chunk in tqdm(data.chunks, desc="eval recall", disable=not progress, leave=False):
+            single, episode = chunk["single"], chunk["episode"]
+            if single is not None:   # one call: "sidecar" and "reset" are the same computation
+                logits = {}
+                for variant in variants:
+                    key = "base" if variant == "base" else "memory"
+                    if key not in logits:
+                        logits[key] = question_logits(model, single.input_ids[:, 0], None, A_read,
+                                                      disabled=key == "base")
+                    tally(variant, 0, logits[key], single.answer)
+            if episode is None:
+                continue
+            question = episode.input_ids[:, -1]
+            if "sidecar" in variants:
+                memory = None
+                for c in range(far[-1]):
+                    feats = chunk["features"][c] if use_features else None
+                    memory = advance_memory(model, memory, input_ids=episode.input_ids[:, c], features=feats)
+                    if c + 1 in far:
+                        tally("sidecar", c + 1, question_logits(model, question, memory, A_read), episode.answer)
+            for variant in {"reset", "base"} & set(variants):
+                logits = question_logits(model, question, None, A_read, disabled=variant == "base")
+                for d in far:
+                    tally(variant, d, logits, episode.answer)
     results = {v: {} for v in variants}
     for (variant, distance), (exact, digits, n, spaced) in sorted(tallies.items(), key=lambda kv: kv[0][1]):
         results[variant][str(distance)] = {"exact_match": exact / n, "digit_accuracy": digits / (n * A),
@@ -493,44 +498,70 @@ def evaluate_recall(model, data, *, distances=DEFAULT_DISTANCES, examples: int =
 
 
 @torch.no_grad()
-def evaluate_generation(model, task: RecallTask, *, distances=(1, 8), examples: int = 32, batch_size: int = 16,
+def evaluate_generation(model, data, *, distances=(1, 8), examples: int = 32, batch_size: int = 16,
                         seed: int = EVAL_SEED) -> dict[str, float]:
     """Exact match of free generation, no teacher forcing: after the calls before the question (the fact, then
     d - 1 filler calls), greedy `generate` continues the question call cut before its answer, and an episode
     counts when the P + A tokens it writes are the answer prefix (the space that starts the number) and the
-    key's digits. Episodes: `task.batch(d + 1, ..., seed=seed + s)`, s the first example of each batch (not
-    `RecallEvalSet`'s episodes). Greedy decoding writes exactly the tokens whose teacher-forced argmax is right,
-    so this checks that the model, generating as a chat would, gets what `evaluate_recall` reads. Returns
-    {str(d): exact match}."""
+    key's digits. Greedy decoding writes exactly the tokens whose teacher-forced argmax is right, so this checks
+    that the model, generating as a chat would, gets what `evaluate_recall` reads.
+
+    data: a `RecallEvalSet` (its episodes, the ones `evaluate_recall` reads, with their precomputed sidecar
+    inputs; examples, batch_size and seed are the set's) or a `RecallTask` (episodes
+    `task.batch(d + 1, ..., seed=seed + s)`, s the first example of each batch, drawn per distance).
+    Returns {str(d): exact match}."""
+    if isinstance(data, RecallTask):
+        check_int("examples", examples)
+        check_int("batch_size", batch_size)
+    elif not isinstance(data, RecallEvalSet):
+        raise TypeError(f"data must be a RecallEvalSet or RecallTask, got {type(data).__name__}")
     if not distances or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in distances):
         raise ValueError(f"distances must be ints >= 1 (the fact is in an earlier call), got {distances!r}")
-    check_int("examples", examples)
-    check_int("batch_size", batch_size)
+    if isinstance(data, RecallEvalSet) and not set(distances) <= set(data.distances):
+        raise ValueError(f"distances {sorted(set(distances) - set(data.distances))} are not in the eval set's "
+                         f"{data.distances}")
+    task = data.task if isinstance(data, RecallEvalSet) else data
     cortex = _unwrap(model)
-    modes = {module: module.training for module in cortex.modules()}
-    cortex.eval()
     device = next(cortex.sidecars.parameters()).device
-    cut = task.call_tokens - len(task.answer_prefix) - task.key_digits     # the question ends here
     exact = {}
-    try:
+    with evaluation_mode(cortex):
         for d in distances:
-            right = 0
-            for s in range(0, examples, batch_size):
-                batch = task.batch(d + 1, min(batch_size, examples - s), seed=seed + s).to(device)
+            right = total = 0
+            for before, question, features in _generation_episodes(model, data, d, examples, batch_size, seed):
                 memory = None
                 for c in range(d):
-                    memory = advance_memory(model, memory, input_ids=batch.input_ids[:, c])
-                question = batch.input_ids[:, -1, :cut]
-                written = cortex.generate(question, memory=memory, attention_mask=torch.ones_like(question),
-                                          max_new_tokens=task.call_tokens - cut, do_sample=False,
-                                          repetition_penalty=1.0, no_repeat_ngram_size=0)[:, cut:]   # plain greedy
-                written = F.pad(written, (0, task.call_tokens - cut - written.shape[1]), value=-1)  # stopped early
-                right += int((written == batch.input_ids[:, -1, cut:]).all(-1).sum())
-            exact[str(d)] = round(right / examples, 4)
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
+                    memory = advance_memory(model, memory, input_ids=before[:, c].to(device),
+                                            features=None if features is None else features[c])
+                right += int(_writes_answer(cortex, task, question.to(device), memory).sum())
+                total += question.shape[0]
+            exact[str(d)] = round(right / total, 4)
     return exact
+
+
+def _generation_episodes(model, data, d: int, examples: int, batch_size: int, seed: int):
+    """(the d calls before the question [B, d, T], the question call [B, T], the sidecar inputs of those d calls
+    or None) per batch of the episodes `evaluate_generation` reads at distance d: an eval set's (its question
+    asked after the first d calls, as `evaluate_recall` does) or a task's fresh d + 1 calls."""
+    if isinstance(data, RecallEvalSet):
+        use_features = data.features_fit(model)
+        for chunk in data.chunks:
+            episode = chunk["episode"].input_ids
+            yield episode[:, :d], episode[:, -1], chunk["features"] if use_features else None
+    else:
+        for s in range(0, examples, batch_size):
+            episode = data.batch(d + 1, min(batch_size, examples - s), seed=seed + s).input_ids
+            yield episode[:, :-1], episode[:, -1], None
+
+
+def _writes_answer(cortex, task: RecallTask, question_call: torch.Tensor, memory: dict | None) -> torch.Tensor:
+    """[B] bool: plain greedy `generate`, after the question call cut before its answer, writes that answer."""
+    cut = task.call_tokens - len(task.answer_prefix) - task.key_digits     # the question ends here
+    question = question_call[:, :cut]
+    written = cortex.generate(question, memory=memory, attention_mask=torch.ones_like(question),
+                              max_new_tokens=task.call_tokens - cut, do_sample=False,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0)[:, cut:]   # plain greedy
+    written = F.pad(written, (0, task.call_tokens - cut - written.shape[1]), value=-1)  # stopped early
+    return (written == question_call[:, cut:]).all(-1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexModel, attach_cortex, load_with_cortex, neutralise_controller_
 from cortexlab.data.recall import RecallTask
 
-from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
+from .common import environment, evaluation_mode, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
 from .mqar import _ints
 from .recall import answer_metrics, episode_forward, save_adapter, score_answer, scored_prefix
 
@@ -102,25 +102,22 @@ def sidecar_without_controller(model: CortexModel) -> CortexModel:
 @torch.no_grad()
 def conflict_readings(model, task: RecallTask, cfg: ConflictFinetuneConfig) -> dict:
     """Exact match on held-out episodes: {"conflict": {N: {"first", "second"}}, "plain": {N: exact}}."""
-    was_training = model.training
-    model.eval()
     out = {"conflict": {}, "plain": {}}
     n, bs = cfg.eval_examples, cfg.eval_batch_size
-    for calls in cfg.eval_calls:
-        first = second = 0
+    with evaluation_mode(model):
+        for calls in cfg.eval_calls:
+            first = second = 0
+            for s in range(0, n, bs):
+                batch = task.conflict_batch(calls, min(bs, n - s), seed=EVAL_SEED + s)
+                logits = episode_forward(model, batch)
+                first += int(answer_metrics(logits, batch.answer)[0].sum())
+                second += int(answer_metrics(logits, batch.second)[0].sum())
+            out["conflict"][str(calls)] = {"first": round(first / n, 4), "second": round(second / n, 4)}
+        right = 0
         for s in range(0, n, bs):
-            batch = task.conflict_batch(calls, min(bs, n - s), seed=EVAL_SEED + s)
-            logits = episode_forward(model, batch)
-            first += int(answer_metrics(logits, batch.answer)[0].sum())
-            second += int(answer_metrics(logits, batch.second)[0].sum())
-        out["conflict"][str(calls)] = {"first": round(first / n, 4), "second": round(second / n, 4)}
-    right = 0
-    for s in range(0, n, bs):
-        batch = task.batch(2, min(bs, n - s), seed=EVAL_SEED + s)
-        right += int(answer_metrics(episode_forward(model, batch), batch.answer)[0].sum())
-    out["plain"]["2"] = round(right / n, 4)
-    model.train(was_training)
-    model.base.eval()      # the frozen base stays in eval mode
+            batch = task.batch(2, min(bs, n - s), seed=EVAL_SEED + s)
+            right += int(answer_metrics(episode_forward(model, batch), batch.answer)[0].sum())
+        out["plain"]["2"] = round(right / n, 4)
     return out
 
 
