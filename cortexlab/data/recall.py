@@ -181,19 +181,24 @@ class RecallTask:
     (SmolLM2, Llama 3 and Qwen2 do); call_tokens: T, the length of every call; key_digits:
     the pass key's length A; filler: "stdlib" (real text, split by source file) or
     "repeat" (the classic repeated pass-key filler, the same for both splits);
-    max_filler_chars: how much docstring text to tokenize.
+    max_filler_chars: how much docstring text to tokenize; phrasing: the split whose fact and question
+    templates are used (None: `split`), so that crossing filler and phrasing splits can tell which of the two
+    a model's held-out gap comes from.
     """
 
     def __init__(self, tokenizer, split: str = "train", *, call_tokens: int = 48, key_digits: int = 5,
-                 filler: str = "stdlib", max_filler_chars: int | None = None):
+                 filler: str = "stdlib", max_filler_chars: int | None = None, phrasing: str | None = None):
         check_split(split)
+        phrasing = split if phrasing is None else phrasing
+        if phrasing not in SPLITS:
+            raise ValueError(f"phrasing must be one of {SPLITS} or None, got {phrasing!r}")
         if filler not in FILLERS:
             raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
         check_int("call_tokens", call_tokens, 16)
         check_int("key_digits", key_digits)
         if key_digits > 12:
             raise ValueError(f"key_digits must be at most 12, got {key_digits}")
-        self.tokenizer, self.split = tokenizer, split
+        self.tokenizer, self.split, self.phrasing = tokenizer, split, phrasing
         self.call_tokens, self.key_digits = call_tokens, key_digits
         self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
         self.filler = filler
@@ -202,8 +207,8 @@ class RecallTask:
         else:
             unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
             self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
-        self.fact_templates = FACT_TEMPLATES[split]
-        self.question_templates = QUESTION_TEMPLATES[split]
+        self.fact_templates = FACT_TEMPLATES[phrasing]
+        self.question_templates = QUESTION_TEMPLATES[phrasing]
         longest_fact = max(len(self._encode(t.format(key="0" * key_digits))) for t in self.fact_templates)
         longest_question = max(len(self._encode(t)) for t in self.question_templates)
         self.answer_tokens = len(self.answer_prefix) + key_digits
@@ -239,8 +244,8 @@ class RecallTask:
     def describe(self) -> dict:
         """What the split is made of (for results files)."""
         filler = "docstrings of Python stdlib top-level modules" if self.filler == "stdlib" else REPEAT_FILLER
-        return {"split": self.split, "call_tokens": self.call_tokens, "key_digits": self.key_digits,
-                "filler": filler, "filler_files": self.source_files,
+        return {"split": self.split, "phrasing": self.phrasing, "call_tokens": self.call_tokens,
+                "key_digits": self.key_digits, "filler": filler, "filler_files": self.source_files,
                 "filler_tokens": len(self.pool), "fact_templates": list(self.fact_templates),
                 "question_templates": list(self.question_templates)}
 
