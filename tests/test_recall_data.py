@@ -84,6 +84,23 @@ def test_train_and_heldout_sources_and_phrasings_are_disjoint(tasks, tokenizer):
     assert pool.dtype == torch.int64 and len(pool) > 1000 and files == tasks["heldout"].source_files
 
 
+def test_phrasing_takes_the_templates_of_another_split(tasks, tokenizer):
+    """phrasing="train" on the held-out split: held-out filler, the training templates (and the reverse)."""
+    crossed = RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, phrasing="train")
+    assert crossed.source_files == tasks["heldout"].source_files and crossed.phrasing == "train"
+    assert crossed.fact_templates == FACT_TEMPLATES["train"]
+    assert crossed.question_templates == QUESTION_TEMPLATES["train"]
+    assert crossed.describe()["phrasing"] == "train" and tasks["heldout"].describe()["phrasing"] == "heldout"
+    held, cross = tasks["heldout"].batch(3, 8, seed=5), crossed.batch(3, 8, seed=5)
+    facts = [tokenizer.decode(call) for call in cross.input_ids[:, 0]]
+    assert all(any(t.format(key=key) in text for t in FACT_TEMPLATES["train"]) for text, key in zip(facts, cross.keys))
+    pool = set(tasks["heldout"].pool.tolist())
+    assert set(cross.input_ids[:, 1].flatten().tolist()) <= pool   # the call between fact and question: filler
+    assert not torch.equal(held.input_ids, cross.input_ids)
+    with pytest.raises(ValueError, match="phrasing"):
+        RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, phrasing="test")
+
+
 def test_repeat_filler_is_the_classic_passkey_text(tokenizer):
     task = RecallTask(tokenizer, "heldout", filler="repeat", call_tokens=32)
     batch = task.batch(3, 2, seed=0)

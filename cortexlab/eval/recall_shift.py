@@ -29,8 +29,8 @@ CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS
 
 def recall_shift(model, *, call_tokens: int, distances=(1, 8, 16), examples: int = 64, batch_size: int = 16,
                  seed: int | None = None) -> dict:
-    """{"filler=F,phrasing=P": {str(d): exact match}} for every crossing of the splits (`CROSSINGS`), the
-    sidecar's memory carried through the calls (`evaluate_recall`'s "sidecar" reading)."""
+    """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for every crossing of the splits
+    (`CROSSINGS`), the sidecar's memory carried through the calls (`evaluate_recall`'s "sidecar" reading)."""
     from cortexlab.train import EVAL_SEED, evaluate_recall
 
     check_int("examples", examples)
@@ -40,7 +40,8 @@ def recall_shift(model, *, call_tokens: int, distances=(1, 8, 16), examples: int
         task = RecallTask(model.tokenizer, filler, call_tokens=call_tokens, phrasing=phrasing)
         ev = evaluate_recall(model, task, distances=distances, examples=examples, batch_size=batch_size, seed=seed,
                              variants=("sidecar",))
-        readings[f"filler={filler},phrasing={phrasing}"] = {d: r["exact_match"] for d, r in ev["sidecar"].items()}
+        readings[f"filler={filler},phrasing={phrasing}"] = {d: {k: r[k] for k in ("exact_match", "digit_accuracy")}
+                                                             for d, r in ev["sidecar"].items()}
     return readings
 
 

@@ -1,0 +1,28 @@
+"""cortexlab.eval.recall_shift: the four crossings of filler and phrasing splits, each read as evaluate_recall does."""
+import torch
+from transformers import AutoTokenizer
+
+from conftest import randomise_, tiny_cortex
+from cortexlab.data import RecallTask
+from cortexlab.eval.recall_shift import CROSSINGS, recall_shift
+from cortexlab.models import default_model_path
+from cortexlab.train import evaluate_recall
+
+
+def test_each_crossing_is_evaluate_recall_on_that_task():
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = randomise_(tiny_cortex(tokenizer, controller=True))
+    model.tokenizer = tokenizer
+    digits = RecallTask(tokenizer, "train", call_tokens=48, max_filler_chars=20_000).digit_ids
+    with torch.no_grad():   # the argmax falls on a digit that depends on the episode: readings differ by crossing
+        model.base.get_output_embeddings().weight[digits] *= 50
+    readings = recall_shift(model, call_tokens=48, distances=(1, 2), examples=8, batch_size=4, seed=3)
+    assert sorted(CROSSINGS) == [("heldout", "heldout"), ("heldout", "train"), ("train", "heldout"), ("train", "train")]
+    assert set(readings) == {f"filler={f},phrasing={p}" for f, p in CROSSINGS}
+    for filler, phrasing in CROSSINGS:
+        task = RecallTask(tokenizer, filler, call_tokens=48, phrasing=phrasing)
+        ev = evaluate_recall(model, task, distances=(1, 2), examples=8, batch_size=4, seed=3, variants=("sidecar",))
+        assert readings[f"filler={filler},phrasing={phrasing}"] == {
+            d: {k: r[k] for k in ("exact_match", "digit_accuracy")} for d, r in ev["sidecar"].items()}
+    # the crossings are different episodes: the model's digit accuracy is not the same on all of them
+    assert len({readings[k]["2"]["digit_accuracy"] for k in readings}) > 1
