@@ -23,7 +23,9 @@ The modules are split by a hash of their file name into a training set and a hel
 (about 1 in 5), so the two splits never share a source file; the fact and question
 phrasings come from separate training and held-out template lists; and the random stream
 of each split is seeded with the split's name, so the same seed gives different episodes
-in the two splits. Everything is deterministic given (split, seed, num_calls, batch_size).
+in the two splits. Everything is deterministic given (split, seed, num_calls, batch_size), and the
+phrasing: `phrasing=` takes the templates of the other split (the random stream stays the split's), to tell a
+held-out gap in the filler text from one in the wording (`cortexlab.eval.recall_shift`).
 """
 from __future__ import annotations
 

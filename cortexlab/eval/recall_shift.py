@@ -5,10 +5,12 @@
 E2 trains on the "train" split (filler text from one set of stdlib modules, one set of fact and question
 templates) and is scored on "heldout" (other modules, other templates). `RecallTask(split, phrasing=...)` takes
 the filler from one split and the templates from another, so the four crossings give four readings of
-teacher-forced exact match vs distance (`recall_shift`): the gap between train/train and heldout/heldout splits
-into a filler part (heldout filler, train phrasing) and a phrasing part (train filler, heldout phrasing). Every
-reading uses fresh episodes (seed `EVAL_SEED + 7` by default, never a training batch's seed; the train split's
-episodes do reuse the training text and templates, which is the point).
+teacher-forced exact match vs distance (`recall_shift`); the gap between train/train and heldout/heldout
+roughly splits into a filler part (heldout filler, train phrasing) and a phrasing part (train filler, heldout
+phrasing), and the four readings also show any interaction. Every reading uses fresh episodes of whole calls
+(`evaluate_recall`'s layout, seed `EVAL_SEED + 7` by default): train/train is the control for what else
+differs from the training batches (their cropped fact and question calls, their pool of 1024 filler calls).
+One standard error of a reading is sqrt(p (1 - p) / examples).
 """
 from __future__ import annotations
 
@@ -24,37 +26,47 @@ import torch
 from cortexlab.checks import check_int
 from cortexlab.data.recall import SPLITS, RecallTask
 
+__all__ = ["CROSSINGS", "crossing_tasks", "recall_shift"]
+
 CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS)
 
 
-def recall_shift(model, *, call_tokens: int, distances=(1, 8, 16), examples: int = 64, batch_size: int = 16,
-                 seed: int | None = None) -> dict:
+def crossing_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5) -> dict[str, RecallTask]:
+    """{"filler=F,phrasing=P": the RecallTask with split F's filler and split P's templates} for `CROSSINGS`."""
+    return {f"filler={filler},phrasing={phrasing}": RecallTask(tokenizer, filler, call_tokens=call_tokens,
+                                                               key_digits=key_digits, phrasing=phrasing)
+            for filler, phrasing in CROSSINGS}
+
+
+def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 8, 16), examples: int = 64,
+                 batch_size: int = 16, seed: int | None = None) -> dict:
     """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for every crossing of the splits
-    (`CROSSINGS`), the sidecar's memory carried through the calls (`evaluate_recall`'s "sidecar" reading)."""
+    (`crossing_tasks`), the sidecar's memory carried through the calls (`evaluate_recall`'s "sidecar" reading).
+    model: a `CortexModel` with its tokenizer as `model.tokenizer` (as `load_with_cortex` gives it)."""
     from cortexlab.train import EVAL_SEED, evaluate_recall
 
     check_int("examples", examples)
     seed = EVAL_SEED + 7 if seed is None else seed
     readings = {}
-    for filler, phrasing in CROSSINGS:
-        task = RecallTask(model.tokenizer, filler, call_tokens=call_tokens, phrasing=phrasing)
+    for name, task in crossing_tasks(model.tokenizer, call_tokens=call_tokens, key_digits=key_digits).items():
         ev = evaluate_recall(model, task, distances=distances, examples=examples, batch_size=batch_size, seed=seed,
                              variants=("sidecar",))
-        readings[f"filler={filler},phrasing={phrasing}"] = {d: {k: r[k] for k in ("exact_match", "digit_accuracy")}
-                                                             for d, r in ev["sidecar"].items()}
+        readings[name] = {d: {k: r[k] for k in ("exact_match", "digit_accuracy")} for d, r in ev["sidecar"].items()}
     return readings
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.cortex import load_with_cortex
+    from cortexlab.train import EVAL_SEED
     from cortexlab.train.common import environment, git_revision, write_json_atomic
+    from cortexlab.train.mqar import _ints
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.recall_shift", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", default="results/adapters/recall_128", help="the trained E2 sidecar")
     p.add_argument("--out", default="results/recall_shift.json")
-    p.add_argument("--distances", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 8, 16))
+    p.add_argument("--distances", type=_ints, default=(1, 8, 16))
     p.add_argument("--examples", type=int, default=64)
-    p.add_argument("--seed", type=int, default=None, help="episode seed (default: EVAL_SEED + 7)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED + 7, help="episode seed (default: EVAL_SEED + 7)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     git_revision(refresh=True)   # the code as the run starts
@@ -62,18 +74,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load_with_cortex(adapter=args.adapter)
-    card = json.loads((Path(args.adapter) / "card.json").read_text())
-    call_tokens = card["config"]["call_tokens"]
-    from cortexlab.train import EVAL_SEED
-
-    seed = EVAL_SEED + 7 if args.seed is None else args.seed
-    readings = recall_shift(model, call_tokens=call_tokens, distances=args.distances, examples=args.examples,
-                            seed=seed)
+    config = json.loads((Path(args.adapter) / "card.json").read_text())["config"]
+    shape = {"call_tokens": config["call_tokens"], "key_digits": config["key_digits"]}
+    readings = recall_shift(model, **shape, distances=args.distances, examples=args.examples, seed=args.seed)
     command = "python -m cortexlab.eval.recall_shift " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"experiment": "E2's held-out gap: filler and phrasing splits crossed (teacher-forced exact match)",
-              "adapter": args.adapter, "call_tokens": call_tokens, "examples": args.examples,
-              "seed": seed, "readings": readings, "seconds": round(time.time() - t0, 1),
-              "command": command, "git": git_revision(), "environment": environment()}
+              "adapter": args.adapter, **shape, "distances": list(args.distances), "examples": args.examples,
+              "seed": args.seed, "readings": readings,
+              "data": {name: task.describe() for name, task in crossing_tasks(model.tokenizer, **shape).items()},
+              "seconds": round(time.time() - t0, 1), "command": command, "git": git_revision(),
+              "environment": environment()}
     write_json_atomic(Path(args.out), result)
     print(json.dumps(readings, indent=1))
     return result
