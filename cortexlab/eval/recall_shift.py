@@ -58,13 +58,12 @@ def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 
 def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.cortex import load_with_cortex
     from cortexlab.train import EVAL_SEED
-    from cortexlab.train.common import environment, git_revision, write_json_atomic
-    from cortexlab.train.mqar import _ints
+    from cortexlab.train.common import environment, git_revision, int_tuple, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.recall_shift", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", default="results/adapters/recall_128", help="the trained E2 sidecar")
     p.add_argument("--out", default="results/recall_shift.json")
-    p.add_argument("--distances", type=_ints, default=(1, 8, 16))
+    p.add_argument("--distances", type=int_tuple, default=(1, 8, 16))
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--seed", type=int, default=EVAL_SEED + 7, help="episode seed (default: EVAL_SEED + 7)")
     p.add_argument("--threads", type=int, default=None)

@@ -236,13 +236,13 @@ def versions_table(result: Mapping) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from cortexlab.train.common import environment, git_revision, write_json_atomic
+    from cortexlab.train.common import environment, git_revision, int_tuple, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.versions", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", default="results/adapters/recall_128", help="the trained E2 sidecar")
     p.add_argument("--recall-results", default="results/recall_across_calls.json", help="E2's results JSON")
     p.add_argument("--out", default="results/cortex_v1_v2.json")
-    p.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=(128, 512, 2048))
+    p.add_argument("--lengths", type=int_tuple, default=(128, 512, 2048))
     p.add_argument("--horizon", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)

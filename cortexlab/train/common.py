@@ -129,6 +129,11 @@ def evaluation_mode(model: torch.nn.Module):
             module.train(mode)
 
 
+def int_tuple(text: str) -> tuple[int, ...]:
+    """A command line's comma-separated ints: "1,8,16" -> (1, 8, 16) (empty items skipped, "" -> ())."""
+    return tuple(int(x) for x in text.split(",") if x)
+
+
 def warmup_cosine_lr(step: int, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay from lr towards min_lr_ratio * lr, which step
     index `steps` (one past the last step of a run) would reach."""

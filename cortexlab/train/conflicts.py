@@ -38,8 +38,8 @@ from cortexlab.checks import check_int
 from cortexlab.cortex import neutralise_controller_
 from cortexlab.data.mqar import IGNORE, MQARTask, chance_accuracy, split_seed
 
-from .common import environment, git_revision, jsonable, publish_dir_atomic, write_json_atomic
-from .mqar import MODEL_REVISION, MQARModel, MQARModelConfig, MQARTrainConfig, _ints, _key, train_mqar
+from .common import environment, git_revision, int_tuple, jsonable, publish_dir_atomic, write_json_atomic
+from .mqar import MODEL_REVISION, MQARModel, MQARModelConfig, MQARTrainConfig, _key, train_mqar
 
 __all__ = ["VARIANTS", "conflict_accuracy", "load_model", "summarise", "train_conflict_ablation", "write_strengths"]
 
@@ -195,7 +195,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("controller-ablation",
                        help="the metacognitive controller on MQAR with conflicting re-bindings (keep the first)")
     p.add_argument("--out", default="results/controller_conflicts.json")
-    p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4))
+    p.add_argument("--seeds", type=int_tuple, default=(0, 1, 2, 3, 4))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--vocab-size", type=int, default=t.vocab_size)
     p.add_argument("--seq-len", type=int, default=t.seq_len)

@@ -51,7 +51,7 @@ from cortexlab.cortex.window import empty_window, sliding_window_attention
 from cortexlab.data.mqar import IGNORE, MQARTask, chance_accuracy, split_seed
 from cortexlab.neuro.backbone import apply_rope, rope_cos_sin
 
-from .common import environment, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
+from .common import environment, git_revision, int_tuple, jsonable, warmup_cosine_lr, write_json_atomic
 
 __all__ = ["MIXERS", "MQARModel", "MQARModelConfig", "MQARTrainConfig", "evaluate_mqar", "mqar_grid",
            "train_mqar", "train_mqar_grid"]
@@ -440,10 +440,6 @@ def _key(config: dict, revision: int) -> str:
 QUICK = {"seq_lens": (32,), "fixed_pairs": 4, "pairs": (8,), "fixed_len": 64, "sizes": ((32, 2),)}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
-
-
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
     """"64x2,128x4" -> ((64, 2), (128, 4))."""
     try:
@@ -461,9 +457,9 @@ def add_cli(sub) -> None:
                    help="a tiny grid (vocab 64, (L, pairs) = (32, 4) and (64, 8), d_model 32, 10 steps) that "
                         "checks the pipeline end to end")
     p.add_argument("--mixers", default=",".join(MIXERS), help=f"comma-separated subset of {', '.join(MIXERS)}")
-    p.add_argument("--seq-lens", type=_ints, default=(64, 128, 256, 512), help="length sweep, at --fixed-pairs")
+    p.add_argument("--seq-lens", type=int_tuple, default=(64, 128, 256, 512), help="length sweep, at --fixed-pairs")
     p.add_argument("--fixed-pairs", type=int, default=16)
-    p.add_argument("--pairs", type=_ints, default=(4, 8, 16, 32, 64), help="capacity sweep, at --fixed-len")
+    p.add_argument("--pairs", type=int_tuple, default=(4, 8, 16, 32, 64), help="capacity sweep, at --fixed-len")
     p.add_argument("--fixed-len", type=int, default=256)
     p.add_argument("--sizes", type=_sizes, default=((64, 2), (128, 2)),
                    help="model sizes as d_model x heads, the state-size knob (default 64x2,128x2)")

@@ -70,6 +70,7 @@ from .common import (
     environment,
     evaluation_mode,
     git_revision,
+    int_tuple,
     jsonable,
     publish_dir_atomic,
     read_checkpoint,
@@ -803,9 +804,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=d.num_heads)
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=d.use_hybrid,
                    help="add the sliding-window attention beside the memory (default off, as in the DESIGN probe)")
-    p.add_argument("--eval-distances", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.eval_distances)
+    p.add_argument("--eval-distances", type=int_tuple, default=d.eval_distances)
     p.add_argument("--eval-examples", type=int, default=d.eval_examples)
-    p.add_argument("--generation-distances", type=lambda s: tuple(int(x) for x in s.split(",") if x),
+    p.add_argument("--generation-distances", type=int_tuple,
                    default=d.generation_distances,
                    help="distances at which free generation is scored after training ('': none)")
     p.add_argument("--generation-examples", type=int, default=d.generation_examples)

@@ -35,8 +35,7 @@ from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexModel, attach_cortex, load_with_cortex, neutralise_controller_
 from cortexlab.data.recall import RecallTask
 
-from .common import environment, evaluation_mode, git_revision, jsonable, warmup_cosine_lr, write_json_atomic
-from .mqar import _ints
+from .common import environment, evaluation_mode, git_revision, int_tuple, jsonable, warmup_cosine_lr, write_json_atomic
 from .recall import answer_metrics, episode_forward, save_adapter, score_answer, scored_prefix
 
 __all__ = ["VARIANTS", "ConflictFinetuneConfig", "conflict_readings", "finetune_on_conflicts",
@@ -204,7 +203,7 @@ def add_cli(sub) -> None:
     p.add_argument("--score-prefix", action=argparse.BooleanOptionalAction, default=d.score_prefix,
                    help="score the space that starts the number as well as the digits (free generation needs it)")
     for name in ("calls", "plain_calls", "eval_calls"):
-        p.add_argument("--" + name.replace("_", "-"), type=_ints, default=getattr(d, name))
+        p.add_argument("--" + name.replace("_", "-"), type=int_tuple, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_cli)
