@@ -5,6 +5,8 @@ split when the SHA-256 of its file name is divisible by 5 (`HELDOUT_EVERY`), so 
 held-out are disjoint and identical on every machine with the same Python.
 
 - `stdlib_modules(split)`: the top-level `Lib/*.py` files of a split; `stdlib_module(split, name)` one of them.
+- `stdlib_package_modules()`: the modules inside the standard library's packages (`Lib/email/...`), tests
+  left out; no split holds them (the recall task's training filler can add them).
 - `stdlib_tokenizer(vocab_size)`: a byte-level BPE trained locally (with the `tokenizers`
   library) on the *train* split only, cached in cortexlab's cache folder.
 - `TokenCorpus(tokenizer, split)`: the split as one stream of token ids (files joined by an
@@ -48,6 +50,18 @@ def stdlib_modules(split: str) -> list[Path]:
         raise FileNotFoundError(f"no standard-library source files found in {root}")
     held = [int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0 for p in files]
     return [p for p, h in zip(files, held) if h == (split == "heldout")]
+
+
+def stdlib_package_modules() -> list[Path]:
+    """The `.py` files inside the standard library's packages (`Lib/<package>/**/*.py`), sorted by path.
+
+    Left out: `site-packages` (not the standard library) and tests (any folder named `test`, `tests` or
+    `idle_test`). Neither split of `stdlib_modules` holds these files.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test"}
+    return sorted(p for p in root.glob("*/**/*.py") if p.is_file()
+                  and p.relative_to(root).parts[0] != "site-packages" and not skip & set(p.relative_to(root).parts))
 
 
 def stdlib_module(split: str, name: str) -> Path:

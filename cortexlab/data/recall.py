@@ -26,10 +26,19 @@ of each split is seeded with the split's name, so the same seed gives different 
 in the two splits. Everything is deterministic given (split, seed, num_calls, batch_size), and the
 phrasing: `phrasing=` takes the templates of the other split (the random stream stays the split's), to tell a
 held-out gap in the filler text from one in the wording (`cortexlab.eval.recall_shift`).
+
+Two options widen the *training* split (the held-out split never changes, so results stay comparable):
+`filler="stdlib+packages"` adds the docstrings of the standard library's packages (`Lib/email/...`, tests
+left out) to the training filler, about 2.3 times the text, without any docstring that shares a run of
+`SHINGLE_WORDS` words with the held-out filler (forks such as lib2to3's tokenize.py); and
+`templates="composed"` draws the fact and question from every combination of the parts in
+`COMPOSED_FACT_PARTS` and `COMPOSED_QUESTION_PARTS` (448 facts, 66 questions, none a held-out template)
+instead of the 8 and 6 listed ones.
 """
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +47,19 @@ import torch
 
 from cortexlab.checks import check_int
 
-from .corpus import SPLITS, check_split, stdlib_modules
+from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules
 
 __all__ = [
-    "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "RecallBatch", "RecallTask", "filler_files",
-    "filler_token_pool",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES",
+    "RecallBatch", "RecallTask", "composed_templates", "filler_files", "filler_token_pool",
 ]
 
-FILLERS = ("stdlib", "repeat")
+FILLERS = ("stdlib", "stdlib+packages", "repeat")
+TEMPLATES = ("listed", "composed")
+SHINGLE_WORDS = 10           # a package docstring sharing a run of this many words with held-out filler is dropped
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 MIN_DOCSTRING_CHARS = 80     # shorter docstrings are mostly one-liners ("Return x.")
-DEFAULT_MAX_CHARS = {"train": 600_000, "heldout": 200_000}
+DEFAULT_MAX_CHARS = {"train": 600_000, "heldout": 200_000, "train+packages": 1_500_000}
 
 FACT_TEMPLATES = {
     "train": (
@@ -85,6 +96,42 @@ QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
 }
 
 
+COMPOSED_FACT_PARTS = (   # opener, statement, closer: 8 x 8 x 7 training facts (templates="composed")
+    ("", "Note:", "Important:", "Listen carefully.", "By the way,", "For the record,", "One more thing:",
+     "Attention:"),
+    ("the pass key is {key}.", "your pass key is {key}.", "the secret pass key is {key}.",
+     "today's pass key is {key}.", "the pass key for this session is {key}.", "here is the pass key: {key}.",
+     "pass key = {key}.", "the pass key to remember is {key}."),
+    ("", "Remember it.", "Do not forget it.", "Keep it safe.", "You will be asked for it.", "Write it down.",
+     "It matters later."),
+)
+COMPOSED_QUESTION_PARTS = (   # question, lead-in to the answer: 11 x 6 training questions
+    ("What is the pass key?", "Question: what was the pass key?", "Do you remember the pass key?",
+     "Recall the pass key.", "What pass key were you given?", "Tell me the pass key.", "Can you tell me the pass key?",
+     "Now, what is the pass key?", "Time to check your memory: what is the pass key?",
+     "What was the secret pass key?", "State the pass key."),
+    ("The pass key is", "It is", "Answer:", "The answer is", "Sure, the pass key is", "My answer:"),
+)
+
+
+def _sentence(*parts: str) -> str:
+    """Join parts with spaces, capitalising a part that starts a sentence (the first, or after a full stop)."""
+    out = []
+    for part in filter(None, parts):
+        if not out or out[-1].endswith((".", "?")):
+            part = part[0].upper() + part[1:]
+        out.append(part)
+    return " ".join(out)
+
+
+def composed_templates() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fact templates, question templates): every combination of `COMPOSED_FACT_PARTS` and
+    `COMPOSED_QUESTION_PARTS`, in a fixed order; training phrasings only (none is a held-out template)."""
+    facts = tuple(_sentence(*parts) for parts in itertools.product(*COMPOSED_FACT_PARTS))
+    questions = tuple(_sentence(*parts) for parts in itertools.product(*COMPOSED_QUESTION_PARTS))
+    return facts, questions
+
+
 def filler_files(split: str) -> list[Path]:
     """The standard-library modules whose docstrings fill `split`: `corpus.stdlib_modules(split)`.
 
@@ -109,30 +156,55 @@ def _docstrings(path: Path) -> list[str]:
     return found
 
 
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def _package_docstrings() -> list[tuple[str, list[str]]]:
+    """(relative path, docstrings) of each package module, without the docstrings that share a run of
+    `SHINGLE_WORDS` words with any held-out module's docstrings."""
+    heldout = set()
+    for path in stdlib_modules("heldout"):
+        for doc in _docstrings(path):
+            heldout |= _shingles(doc)
+    root = stdlib_modules("train")[0].parent
+    return [(path.relative_to(root).as_posix(), [d for d in _docstrings(path) if not _shingles(d) & heldout])
+            for path in stdlib_package_modules()]
+
+
 _POOLS: dict[tuple, tuple[torch.Tensor, list[str]]] = {}
 
 
-def filler_token_pool(tokenizer, split: str, max_chars: int | None = None) -> tuple[torch.Tensor, list[str]]:
+def filler_token_pool(tokenizer, split: str, max_chars: int | None = None, *,
+                      packages: bool = False) -> tuple[torch.Tensor, list[str]]:
     """(token ids [n] int64, source file names) of the split's filler text, cached per tokenizer.
 
     The split's modules are read in a fixed shuffled order (seeded with the split's name)
     until `max_chars` characters of docstrings are collected; each docstring is tokenized
-    on its own, with a space in front, and the pieces are concatenated.
+    on its own, with a space in front, and the pieces are concatenated. packages: add the
+    standard library's package modules (train split only; see the module docstring), shuffled
+    with the top-level ones under their own seed, so the plain pool is unchanged.
     """
     check_split(split)
-    max_chars = DEFAULT_MAX_CHARS[split] if max_chars is None else max_chars
+    if packages and split != "train":
+        raise ValueError(f"packages=True widens the training filler only; split must be 'train', got {split!r}")
+    name = split + ("+packages" if packages else "")
+    max_chars = DEFAULT_MAX_CHARS[name] if max_chars is None else max_chars
     check_int("max_chars", max_chars, 1000)
-    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), split, max_chars)
+    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), name, max_chars)
     if key not in _POOLS:
-        files = filler_files(split)
-        random.Random(f"cortexlab.recall.files/{split}").shuffle(files)
+        sources = [(path.name, path) for path in filler_files(split)]
+        if packages:
+            sources += _package_docstrings()
+        random.Random(f"cortexlab.recall.files/{name}").shuffle(sources)
         texts, used, chars = [], [], 0
-        for path in files:
-            docs = _docstrings(path)
+        for source, docs in sources:
+            docs = _docstrings(docs) if isinstance(docs, Path) else docs
             if not docs:
                 continue
             texts += docs
-            used.append(path.name)
+            used.append(source)
             chars += sum(map(len, docs))
             if chars >= max_chars:
                 break
@@ -181,21 +253,30 @@ class RecallTask:
 
     tokenizer: a Hugging Face tokenizer that writes each digit of a number as one token
     (SmolLM2, Llama 3 and Qwen2 do); call_tokens: T, the length of every call; key_digits:
-    the pass key's length A; filler: "stdlib" (real text, split by source file) or
-    "repeat" (the classic repeated pass-key filler, the same for both splits);
-    max_filler_chars: how much docstring text to tokenize; phrasing: the split whose fact and question
-    templates are used (None: `split`), so that crossing filler and phrasing splits can tell which of the two
-    a model's held-out gap comes from.
+    the pass key's length A; filler: "stdlib" (real text, split by source file), "stdlib+packages"
+    (the train split's text plus the packages' docstrings; train only) or "repeat" (the classic repeated
+    pass-key filler, the same for both splits); max_filler_chars: how much docstring text to tokenize;
+    phrasing: the split whose fact and question templates are used (None: `split`), so that crossing filler
+    and phrasing splits can tell which of the two a model's held-out gap comes from; templates: "listed"
+    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`) or "composed" (`composed_templates()`; train phrasing only).
     """
 
     def __init__(self, tokenizer, split: str = "train", *, call_tokens: int = 48, key_digits: int = 5,
-                 filler: str = "stdlib", max_filler_chars: int | None = None, phrasing: str | None = None):
+                 filler: str = "stdlib", max_filler_chars: int | None = None, phrasing: str | None = None,
+                 templates: str = "listed"):
         check_split(split)
         phrasing = split if phrasing is None else phrasing
         if phrasing not in SPLITS:
             raise ValueError(f"phrasing must be one of {SPLITS} or None, got {phrasing!r}")
         if filler not in FILLERS:
             raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
+        if filler == "stdlib+packages" and split != "train":
+            raise ValueError(f"filler='stdlib+packages' widens the training text only; split must be 'train', "
+                             f"got {split!r}")
+        if templates not in TEMPLATES:
+            raise ValueError(f"templates must be one of {TEMPLATES}, got {templates!r}")
+        if templates == "composed" and phrasing != "train":
+            raise ValueError(f"templates='composed' are training phrasings; phrasing must be 'train', got {phrasing!r}")
         check_int("call_tokens", call_tokens, 16)
         check_int("key_digits", key_digits)
         if key_digits > 12:
@@ -203,14 +284,17 @@ class RecallTask:
         self.tokenizer, self.split, self.phrasing = tokenizer, split, phrasing
         self.call_tokens, self.key_digits = call_tokens, key_digits
         self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
-        self.filler = filler
-        if filler == "stdlib":
-            self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars)
+        self.filler, self.templates = filler, templates
+        if filler != "repeat":
+            self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars,
+                                                             packages=filler == "stdlib+packages")
         else:
             unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
             self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
-        self.fact_templates = FACT_TEMPLATES[phrasing]
-        self.question_templates = QUESTION_TEMPLATES[phrasing]
+        if templates == "composed":
+            self.fact_templates, self.question_templates = composed_templates()
+        else:
+            self.fact_templates, self.question_templates = FACT_TEMPLATES[phrasing], QUESTION_TEMPLATES[phrasing]
         longest_fact = max(len(self._encode(t.format(key="0" * key_digits))) for t in self.fact_templates)
         longest_question = max(len(self._encode(t)) for t in self.question_templates)
         self.answer_tokens = len(self.answer_prefix) + key_digits
@@ -245,11 +329,17 @@ class RecallTask:
 
     def describe(self) -> dict:
         """What the split is made of (for results files)."""
-        filler = "docstrings of Python stdlib top-level modules" if self.filler == "stdlib" else REPEAT_FILLER
-        return {"split": self.split, "phrasing": self.phrasing, "call_tokens": self.call_tokens,
-                "key_digits": self.key_digits, "filler": filler, "filler_files": self.source_files,
-                "filler_tokens": len(self.pool), "fact_templates": list(self.fact_templates),
-                "question_templates": list(self.question_templates)}
+        filler = {"stdlib": "docstrings of Python stdlib top-level modules",
+                  "stdlib+packages": "docstrings of Python stdlib top-level modules and package modules",
+                  "repeat": REPEAT_FILLER}[self.filler]
+        if self.templates == "composed":   # the parts, not the 448 + 66 combinations
+            phrasings = {"fact_parts": COMPOSED_FACT_PARTS, "question_parts": COMPOSED_QUESTION_PARTS}
+        else:
+            phrasings = {"fact_templates": list(self.fact_templates),
+                         "question_templates": list(self.question_templates)}
+        return {"split": self.split, "phrasing": self.phrasing, "templates": self.templates,
+                "call_tokens": self.call_tokens, "key_digits": self.key_digits, "filler": filler,
+                "filler_files": self.source_files, "filler_tokens": len(self.pool), **phrasings}
 
     def _filler(self, rng: random.Random, n: int) -> list[int]:
         if n == 0:

@@ -64,7 +64,7 @@ from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
-from cortexlab.data.recall import FILLERS, RecallBatch, RecallTask
+from cortexlab.data.recall import FILLERS, TEMPLATES, RecallBatch, RecallTask
 
 from .common import (
     environment,
@@ -111,6 +111,8 @@ class RecallTrainConfig:
     curriculum: str = "0:2-3,0.5:2-4,0.75:2-8,0.9:2-16"
     bptt_calls: int = 0                  # 0: backprop through the whole episode
     filler_pool: int = 256               # filler calls drawn from a pool whose sidecar inputs are computed once
+    filler: str = "stdlib"               # training filler text ("stdlib+packages": with the packages' docstrings)
+    templates: str = "listed"            # training fact and question templates ("composed": 448 x 66 combinations)
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
@@ -144,8 +146,9 @@ class RecallTrainConfig:
         check_number("easy_fraction", self.easy_fraction, 0, 1)
         check_bool("score_prefix", self.score_prefix)
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
-        if self.easy_filler not in FILLERS:
-            raise ValueError(f"easy_filler must be one of {FILLERS}, got {self.easy_filler!r}")
+        for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         check_number("lr", self.lr, 0, low_open=True)
         check_number("weight_decay", self.weight_decay, 0)
         check_number("grad_clip", self.grad_clip, 0)
@@ -657,10 +660,11 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     accelerator = accelerator or Accelerator()
-    train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
+    train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
+                            filler=cfg.filler, templates=cfg.templates)
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
-                           filler=cfg.easy_filler) if easy_steps else None
+                           filler=cfg.easy_filler, templates=cfg.templates) if easy_steps else None
     heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -797,6 +801,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--easy-filler", choices=FILLERS, default=d.easy_filler)
     p.add_argument("--filler-pool", type=int, default=d.filler_pool,
                    help="filler calls come from a pool of this many (0: fresh filler every step)")
+    p.add_argument("--filler", choices=FILLERS, default=d.filler,
+                   help="training filler text (stdlib+packages: the train split's docstrings and the packages')")
+    p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
+                   help="training fact and question templates (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--call-tokens", type=int, default=d.call_tokens)
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
@@ -824,7 +832,8 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              min_lr_ratio=args.min_lr_ratio, crop_filler=args.crop_filler,
                              score_prefix=args.score_prefix,
                              curriculum=args.curriculum,
-                             bptt_calls=args.bptt_calls, filler_pool=args.filler_pool,
+                             bptt_calls=args.bptt_calls, filler_pool=args.filler_pool, filler=args.filler,
+                             templates=args.templates,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
