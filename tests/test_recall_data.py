@@ -1,9 +1,13 @@
 """The recall-across-calls data: layout, labels, determinism, disjoint train / held-out sources."""
+import random
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from cortexlab.data import FACT_TEMPLATES, QUESTION_TEMPLATES, RecallTask, filler_files, filler_token_pool
+from cortexlab.data.corpus import stdlib_modules, stdlib_package_modules
+from cortexlab.data.recall import SHINGLE_WORDS, _docstrings, _package_docstrings, _shingles, composed_templates
 from cortexlab.models import default_model_path
 
 CHARS = 20_000   # a small filler pool keeps the tests fast
@@ -99,6 +103,55 @@ def test_phrasing_takes_the_templates_of_another_split(tasks, tokenizer):
         assert (windows == call).all(-1).any()
     with pytest.raises(ValueError, match="phrasing"):
         RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, phrasing="test")
+
+
+def test_composed_templates_are_many_well_formed_training_phrasings(tokenizer):
+    facts, questions = composed_templates()
+    assert len(set(facts)) == len(facts) == 448 and len(set(questions)) == len(questions) == 66
+    assert set(FACT_TEMPLATES["train"]) & set(facts) and set(QUESTION_TEMPLATES["train"]) & set(questions)
+    held = FACT_TEMPLATES["heldout"] + QUESTION_TEMPLATES["heldout"]
+    assert not any(h.replace(" {key}", "") in t.replace(" {key}", "") for h in held for t in facts + questions)
+    for fact in facts:
+        assert fact.count("{key}") == 1 and fact[0].isupper() and fact.endswith(".")
+        assert all(s[0].isupper() for s in fact.split(". ")[1:])       # each sentence starts with a capital
+    task = RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="composed")
+    assert task.fact_templates == facts and task.describe()["templates"] == "composed"
+    batch = task.batch(2, 16, seed=4)
+    for b, key in enumerate(batch.keys):
+        assert any(t.format(key=key) in tokenizer.decode(batch.input_ids[b, 0]) for t in facts)
+        assert any(tokenizer.decode(batch.input_ids[b, 1]).endswith(q + " " + key) for q in questions)
+    with pytest.raises(ValueError, match="templates"):
+        RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="composed")   # held-out stays listed
+    with pytest.raises(ValueError, match="templates"):
+        RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="random")
+
+
+def test_package_filler_widens_training_text_without_heldout_overlap(tokenizer, tasks):
+    root = stdlib_modules("train")[0].parent
+    packages = stdlib_package_modules()
+    assert len(packages) > 100 and not {p.parent for p in packages} & {root}
+    assert not any(part in ("test", "tests", "site-packages") for p in packages for part in p.relative_to(root).parts)
+    heldout = set().union(*(_shingles(d) for p in stdlib_modules("heldout") for d in _docstrings(p)))
+    kept = dict(_package_docstrings())
+    assert all(not _shingles(d) & heldout for docs in kept.values() for d in docs)
+    forked = [p for p in packages if p.relative_to(root).as_posix() == "lib2to3/pgen2/tokenize.py"]
+    if forked:   # a fork of the held-out tokenize.py: its shared docstrings are dropped
+        assert len(kept["lib2to3/pgen2/tokenize.py"]) < len(_docstrings(forked[0]))
+    assert SHINGLE_WORDS == 10
+    wide = RecallTask(tokenizer, "train", filler="stdlib+packages", max_filler_chars=3 * CHARS)
+    assert any("/" in f for f in wide.source_files) and not set(wide.source_files) & set(tasks["heldout"].source_files)
+    assert wide.describe()["filler"].endswith("package modules")
+    # the plain pool is what it was before packages existed: the training modules in their seeded order
+    plain, files = filler_token_pool(tokenizer, "train", 3 * CHARS)
+    order = filler_files("train")
+    random.Random("cortexlab.recall.files/train").shuffle(order)
+    docs = next(d for d in map(_docstrings, order) if d)
+    first = [i for d in docs for i in tokenizer.encode(" " + d, add_special_tokens=False)]
+    assert plain[:len(first)].tolist() == first and "/" not in "".join(files)
+    with pytest.raises(ValueError, match="filler"):
+        RecallTask(tokenizer, "heldout", filler="stdlib+packages")
+    with pytest.raises(ValueError, match="split"):
+        filler_token_pool(tokenizer, "heldout", packages=True)
 
 
 def test_repeat_filler_is_the_classic_passkey_text(tokenizer):

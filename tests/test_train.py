@@ -314,6 +314,10 @@ def test_config_and_curriculum_validation():
         RecallTrainConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="easy_filler"):
         RecallTrainConfig(easy_filler="lorem")
+    with pytest.raises(ValueError, match="filler"):
+        RecallTrainConfig(filler="lorem")
+    with pytest.raises(ValueError, match="templates"):
+        RecallTrainConfig(templates="random")
     with pytest.raises(ValueError, match="easy_fraction"):
         RecallTrainConfig(easy_fraction=1.5)
     with pytest.raises(ValueError, match="crop_filler"):
