@@ -29,7 +29,7 @@ held-out gap in the filler text from one in the wording (`cortexlab.eval.recall_
 
 Two options widen the *training* split (the held-out split never changes, so results stay comparable):
 `filler="stdlib+packages"` adds the docstrings of the standard library's packages (`Lib/email/...`, tests
-left out) to the training filler, about 2.3 times the text, without any docstring that shares a run of
+left out) to the training filler, about twice the tokens, without any docstring that shares a run of
 `SHINGLE_WORDS` words with the held-out filler (forks such as lib2to3's tokenize.py); and
 `templates="composed"` draws the fact and question from every combination of the parts in
 `COMPOSED_FACT_PARTS` and `COMPOSED_QUESTION_PARTS` (448 facts, 66 questions, none a held-out template)
@@ -115,7 +115,7 @@ COMPOSED_QUESTION_PARTS = (   # question, lead-in to the answer: 11 x 6 training
 
 
 def _sentence(*parts: str) -> str:
-    """Join parts with spaces, capitalising a part that starts a sentence (the first, or after a full stop)."""
+    """Join parts with spaces, capitalising a part that starts a sentence (the first, or one after "." or "?")."""
     out = []
     for part in filter(None, parts):
         if not out or out[-1].endswith((".", "?")):
