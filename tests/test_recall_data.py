@@ -1,13 +1,14 @@
 """The recall-across-calls data: layout, labels, determinism, disjoint train / held-out sources."""
 import random
+import re
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from cortexlab.data import FACT_TEMPLATES, QUESTION_TEMPLATES, RecallTask, filler_files, filler_token_pool
-from cortexlab.data.corpus import stdlib_modules, stdlib_package_modules
-from cortexlab.data.recall import SHINGLE_WORDS, _docstrings, _package_docstrings, _shingles, composed_templates
+from cortexlab.data.corpus import stdlib_modules, stdlib_package_modules, stdlib_root
+from cortexlab.data.recall import SHINGLE_WORDS, _docstrings, composed_templates
 from cortexlab.models import default_model_path
 
 CHARS = 20_000   # a small filler pool keeps the tests fast
@@ -112,8 +113,9 @@ def test_composed_templates_are_many_well_formed_training_phrasings(tokenizer):
     held = FACT_TEMPLATES["heldout"] + QUESTION_TEMPLATES["heldout"]
     assert not any(h.replace(" {key}", "") in t.replace(" {key}", "") for h in held for t in facts + questions)
     for fact in facts:
-        assert fact.count("{key}") == 1 and fact[0].isupper() and fact.endswith(".")
-        assert all(s[0].isupper() for s in fact.split(". ")[1:])       # each sentence starts with a capital
+        assert fact.count("{key}") == 1 and fact.endswith(".")
+    for text in facts + questions:   # each sentence starts with a capital
+        assert all(sentence[0].isupper() for sentence in re.split(r"(?<=[.?]) ", text))
     task = RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="composed")
     assert task.fact_templates == facts and task.describe()["templates"] == "composed"
     batch = task.batch(2, 16, seed=4)
@@ -124,34 +126,59 @@ def test_composed_templates_are_many_well_formed_training_phrasings(tokenizer):
         RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="composed")   # held-out stays listed
     with pytest.raises(ValueError, match="templates"):
         RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="random")
+    with pytest.raises(ValueError, match="call_tokens"):   # the longest composed fact takes 25 tokens
+        RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="composed", call_tokens=24)
 
 
 def test_package_filler_widens_training_text_without_heldout_overlap(tokenizer, tasks):
-    root = stdlib_modules("train")[0].parent
+    root = stdlib_root()
     packages = stdlib_package_modules()
     assert len(packages) > 100 and not {p.parent for p in packages} & {root}
-    assert not any(part in ("test", "tests", "site-packages") for p in packages for part in p.relative_to(root).parts)
-    heldout = set().union(*(_shingles(d) for p in stdlib_modules("heldout") for d in _docstrings(p)))
-    kept = dict(_package_docstrings())
-    assert all(not _shingles(d) & heldout for docs in kept.values() for d in docs)
-    forked = [p for p in packages if p.relative_to(root).as_posix() == "lib2to3/pgen2/tokenize.py"]
-    if forked:   # a fork of the held-out tokenize.py: its shared docstrings are dropped
-        assert len(kept["lib2to3/pgen2/tokenize.py"]) < len(_docstrings(forked[0]))
-    assert SHINGLE_WORDS == 10
+    parts = {part for p in packages for part in p.relative_to(root).parts}
+    assert not {"test", "tests", "idle_test", "site-packages"} & parts
     wide = RecallTask(tokenizer, "train", filler="stdlib+packages", max_filler_chars=3 * CHARS)
-    assert any("/" in f for f in wide.source_files) and not set(wide.source_files) & set(tasks["heldout"].source_files)
-    assert wide.describe()["filler"].endswith("package modules")
-    # the plain pool is what it was before packages existed: the training modules in their seeded order
-    plain, files = filler_token_pool(tokenizer, "train", 3 * CHARS)
-    order = filler_files("train")
-    random.Random("cortexlab.recall.files/train").shuffle(order)
-    docs = next(d for d in map(_docstrings, order) if d)
-    first = [i for d in docs for i in tokenizer.encode(" " + d, add_special_tokens=False)]
-    assert plain[:len(first)].tolist() == first and "/" not in "".join(files)
+    assert any("/" in f for f in wide.source_files) and wide.describe()["filler"].endswith("package modules")
     with pytest.raises(ValueError, match="filler"):
         RecallTask(tokenizer, "heldout", filler="stdlib+packages")
     with pytest.raises(ValueError, match="split"):
         filler_token_pool(tokenizer, "heldout", packages=True)
+    with pytest.raises(ValueError, match="packages"):
+        filler_token_pool(tokenizer, "train", packages="yes")
+
+
+def test_package_docstrings_sharing_a_run_of_heldout_words_are_dropped(tmp_path, monkeypatch):
+    import cortexlab.data.recall as recall_data
+
+    words = next(d for p in stdlib_modules("heldout") for d in _docstrings(p)
+                 if len(d.split()) >= 12 and not set(d) & set("\"'\\")).split()
+    pad = "Some words of padding that make this docstring long enough to be kept as filler text here."
+
+    def shares(n):   # a docstring with a run of n words of held-out text
+        return " ".join(["Unrelated opening"] + words[:n] + [pad])
+
+    (tmp_path / "pkg").mkdir()
+    module = f'"""{shares(SHINGLE_WORDS)}"""\n\ndef f():\n    """{shares(SHINGLE_WORDS - 1)}"""\n'
+    (tmp_path / "pkg" / "mod.py").write_text(module)
+    monkeypatch.setattr(recall_data, "stdlib_root", lambda: tmp_path)
+    monkeypatch.setattr(recall_data, "stdlib_package_modules", lambda: [tmp_path / "pkg" / "mod.py"])
+    assert recall_data._package_docstrings() == [("pkg/mod.py", [shares(SHINGLE_WORDS - 1)])]
+
+
+def test_the_plain_training_pool_is_unchanged_by_the_package_option(tokenizer):
+    """Runs before the option existed used this pool: the training modules in the order seeded by the split's name."""
+    plain, files = filler_token_pool(tokenizer, "train", 3 * CHARS)
+    order = filler_files("train")
+    random.Random("cortexlab.recall.files/train").shuffle(order)
+    ids, used, chars = [], [], 0
+    for path in order:
+        docs = _docstrings(path)
+        if docs:
+            ids += [i for d in docs for i in tokenizer.encode(" " + d, add_special_tokens=False)]
+            used.append(path.name)
+            chars += sum(map(len, docs))
+            if chars >= 3 * CHARS:
+                break
+    assert plain.tolist() == ids and files == sorted(used)
 
 
 def test_repeat_filler_is_the_classic_passkey_text(tokenizer):

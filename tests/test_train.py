@@ -420,3 +420,6 @@ def test_ablation_over_seeds_reuses_finished_runs_and_averages_them(tmp_path, mo
             run = json.loads(recall.ablation_paths(out, adapters, name, seed)[0].read_text())
             assert run["eval"]["base"] == table(0.5)["base"]      # the bare model (first measured) everywhere
     assert not recall._same_eval_set({"split": "heldout"}, recall._config_from(args, True))
+    wide = parser.parse_args(argv + ["--filler", "stdlib+packages", "--templates", "composed"])
+    config = recall._config_from(wide, True)
+    assert (config.filler, config.templates, config.easy_filler) == ("stdlib+packages", "composed", "stdlib")

@@ -5,14 +5,16 @@ from .recall import (
     FILLERS,
     QUESTION_TEMPLATES,
     SPLITS,
+    TEMPLATES,
     RecallBatch,
     RecallTask,
+    composed_templates,
     filler_files,
     filler_token_pool,
 )
 
 __all__ = [
     "END_OF_TEXT", "TokenCorpus", "stdlib_documents", "stdlib_modules", "stdlib_tokenizer",
-    "FACT_TEMPLATES", "FILLERS", "QUESTION_TEMPLATES", "SPLITS", "RecallBatch", "RecallTask", "filler_files",
-    "filler_token_pool",
+    "FACT_TEMPLATES", "FILLERS", "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES", "RecallBatch", "RecallTask",
+    "composed_templates", "filler_files", "filler_token_pool",
 ]

@@ -38,13 +38,18 @@ def check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def stdlib_root() -> Path:
+    """The folder of the standard library's sources (`Lib/`)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_modules(split: str) -> list[Path]:
     """The standard-library modules (`Lib/*.py`, top level) of `split`, sorted by name.
 
     "heldout" holds the modules whose file name's SHA-256 is divisible by `HELDOUT_EVERY`.
     """
     check_split(split)
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     files = sorted(p for p in root.glob("*.py") if p.is_file())
     if not files:
         raise FileNotFoundError(f"no standard-library source files found in {root}")
@@ -58,10 +63,11 @@ def stdlib_package_modules() -> list[Path]:
     Left out: `site-packages` (not the standard library) and tests (any folder named `test`, `tests` or
     `idle_test`). Neither split of `stdlib_modules` holds these files.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     skip = {"test", "tests", "idle_test"}
-    return sorted(p for p in root.glob("*/**/*.py") if p.is_file()
-                  and p.relative_to(root).parts[0] != "site-packages" and not skip & set(p.relative_to(root).parts))
+    packages = [d for d in root.iterdir() if d.is_dir() and d.name != "site-packages" and d.name not in skip]
+    return sorted(p for d in packages for p in d.rglob("*.py")
+                  if p.is_file() and not skip & set(p.relative_to(root).parts))
 
 
 def stdlib_module(split: str, name: str) -> Path:

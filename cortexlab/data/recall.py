@@ -23,9 +23,9 @@ The modules are split by a hash of their file name into a training set and a hel
 (about 1 in 5), so the two splits never share a source file; the fact and question
 phrasings come from separate training and held-out template lists; and the random stream
 of each split is seeded with the split's name, so the same seed gives different episodes
-in the two splits. Everything is deterministic given (split, seed, num_calls, batch_size), and the
-phrasing: `phrasing=` takes the templates of the other split (the random stream stays the split's), to tell a
-held-out gap in the filler text from one in the wording (`cortexlab.eval.recall_shift`).
+in the two splits. Everything is deterministic given (split, seed, num_calls, batch_size), the filler, the
+templates and the phrasing: `phrasing=` takes the templates of the other split (the random stream stays the
+split's), to tell a held-out gap in the filler text from one in the wording (`cortexlab.eval.recall_shift`).
 
 Two options widen the *training* split (the held-out split never changes, so results stay comparable):
 `filler="stdlib+packages"` adds the docstrings of the standard library's packages (`Lib/email/...`, tests
@@ -33,7 +33,8 @@ left out) to the training filler, about twice the tokens, without any docstring 
 `SHINGLE_WORDS` words with the held-out filler (forks such as lib2to3's tokenize.py); and
 `templates="composed"` draws the fact and question from every combination of the parts in
 `COMPOSED_FACT_PARTS` and `COMPOSED_QUESTION_PARTS` (448 facts, 66 questions, none a held-out template)
-instead of the 8 and 6 listed ones.
+instead of the 8 and 6 listed ones; they include all 6 listed questions and 5 of the 8 listed facts (not
+"Remember this: ...", "Note that ..." and "Please keep in mind that ...").
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-from cortexlab.checks import check_int
+from cortexlab.checks import check_bool, check_int
 
-from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules
+from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
     "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES",
@@ -168,7 +169,7 @@ def _package_docstrings() -> list[tuple[str, list[str]]]:
     for path in stdlib_modules("heldout"):
         for doc in _docstrings(path):
             heldout |= _shingles(doc)
-    root = stdlib_modules("train")[0].parent
+    root = stdlib_root()
     return [(path.relative_to(root).as_posix(), [d for d in _docstrings(path) if not _shingles(d) & heldout])
             for path in stdlib_package_modules()]
 
@@ -178,15 +179,17 @@ _POOLS: dict[tuple, tuple[torch.Tensor, list[str]]] = {}
 
 def filler_token_pool(tokenizer, split: str, max_chars: int | None = None, *,
                       packages: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """(token ids [n] int64, source file names) of the split's filler text, cached per tokenizer.
+    """(token ids [n] int64, source names) of the split's filler text, cached per tokenizer.
 
     The split's modules are read in a fixed shuffled order (seeded with the split's name)
     until `max_chars` characters of docstrings are collected; each docstring is tokenized
     on its own, with a space in front, and the pieces are concatenated. packages: add the
     standard library's package modules (train split only; see the module docstring), shuffled
-    with the top-level ones under their own seed, so the plain pool is unchanged.
+    with the top-level ones under their own seed, so the plain pool is unchanged. A source is named by its
+    file name ("functools.py"), a package module by its path under `Lib/` ("email/utils.py").
     """
     check_split(split)
+    check_bool("packages", packages)
     if packages and split != "train":
         raise ValueError(f"packages=True widens the training filler only; split must be 'train', got {split!r}")
     name = split + ("+packages" if packages else "")
@@ -194,13 +197,12 @@ def filler_token_pool(tokenizer, split: str, max_chars: int | None = None, *,
     check_int("max_chars", max_chars, 1000)
     key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), name, max_chars)
     if key not in _POOLS:
-        sources = [(path.name, path) for path in filler_files(split)]
+        sources = [(path.name, _docstrings(path)) for path in filler_files(split)]
         if packages:
             sources += _package_docstrings()
         random.Random(f"cortexlab.recall.files/{name}").shuffle(sources)
         texts, used, chars = [], [], 0
         for source, docs in sources:
-            docs = _docstrings(docs) if isinstance(docs, Path) else docs
             if not docs:
                 continue
             texts += docs
@@ -276,7 +278,8 @@ class RecallTask:
         if templates not in TEMPLATES:
             raise ValueError(f"templates must be one of {TEMPLATES}, got {templates!r}")
         if templates == "composed" and phrasing != "train":
-            raise ValueError(f"templates='composed' are training phrasings; phrasing must be 'train', got {phrasing!r}")
+            raise ValueError(f"templates='composed' are training phrasings; phrasing (which defaults to split) "
+                             f"must be 'train', got {phrasing!r}")
         check_int("call_tokens", call_tokens, 16)
         check_int("key_digits", key_digits)
         if key_digits > 12:

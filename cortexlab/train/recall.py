@@ -111,8 +111,8 @@ class RecallTrainConfig:
     curriculum: str = "0:2-3,0.5:2-4,0.75:2-8,0.9:2-16"
     bptt_calls: int = 0                  # 0: backprop through the whole episode
     filler_pool: int = 256               # filler calls drawn from a pool whose sidecar inputs are computed once
-    filler: str = "stdlib"               # training filler text ("stdlib+packages": with the packages' docstrings)
-    templates: str = "listed"            # training fact and question templates ("composed": 448 x 66 combinations)
+    filler: str = "stdlib"               # main-stage filler text ("stdlib+packages": with the packages' docstrings)
+    templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
@@ -663,8 +663,11 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
                             filler=cfg.filler, templates=cfg.templates)
     easy_steps = round(cfg.easy_fraction * cfg.steps)
-    easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
-                           filler=cfg.easy_filler, templates=cfg.templates) if easy_steps else None
+    try:
+        easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
+                               filler=cfg.easy_filler, templates=cfg.templates) if easy_steps else None
+    except ValueError as error:   # its call_tokens is easy_call_tokens: name the config field
+        raise ValueError(f"easy_call_tokens={cfg.easy_call_tokens} (templates={cfg.templates!r}): {error}") from None
     heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -802,9 +805,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filler-pool", type=int, default=d.filler_pool,
                    help="filler calls come from a pool of this many (0: fresh filler every step)")
     p.add_argument("--filler", choices=FILLERS, default=d.filler,
-                   help="training filler text (stdlib+packages: the train split's docstrings and the packages')")
+                   help="main-stage filler text (stdlib+packages: the train split's docstrings and the packages'; "
+                        "the easy stage takes --easy-filler)")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
-                   help="training fact and question templates (composed: every combination of their parts)")
+                   help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--call-tokens", type=int, default=d.call_tokens)
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
