@@ -303,6 +303,69 @@ def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
                      tokenizer=tokenizer, checkpoint_dir=tmp_path, resume=True, progress=False, evaluate=False)
 
 
+def test_draw_filler_calls_takes_the_hard_fraction_from_the_hard_calls():
+    from cortexlab.train.recall import draw_filler_calls, hard_filler_calls
+
+    hard = hard_filler_calls(torch.arange(64.0))                     # the most damaging eighth: calls 56..63
+    assert sorted(hard.tolist()) == list(range(56, 64))
+    uniform = draw_filler_calls(64, (30, 40), seed=3)
+    assert torch.equal(uniform, draw_filler_calls(64, (30, 40), seed=3, hard=hard, hard_fraction=0.0))
+    assert torch.isin(draw_filler_calls(64, (30, 40), seed=3, hard=hard, hard_fraction=1.0), hard).all()
+    mixed = draw_filler_calls(64, (30, 40), seed=3, hard=hard, hard_fraction=0.5)
+    assert 0.5 < torch.isin(mixed, hard).float().mean().item() < 0.6   # half swapped + an eighth of the rest
+    assert torch.equal(mixed, draw_filler_calls(64, (30, 40), seed=3, hard=hard, hard_fraction=0.5))
+
+
+def test_filler_damage_is_the_read_out_change_of_running_the_calls_by_hand(tokenizer):
+    """damage(c) = mean_e |o_e(M_e + c) - o_e(M_e)|^2 / |o_e(M_e)|^2 over the answer-predicting positions."""
+    from cortexlab.train.recall import filler_damage, sidecar_inputs
+
+    model = tiny_cortex(tokenizer, controller=True)
+    randomise_(model, controller=True)
+    task = RecallTask(tokenizer, "train", call_tokens=32)
+    ids = task.filler_calls(5, seed=1)
+    pool = {"ids": ids, **sidecar_inputs(model, ids)}
+    damage = filler_damage(model, pool, task, episodes=3, seed=7, chunk=2)
+    block = model.sidecars["1"]
+    episodes = task.batch(2, 3, seed=7).input_ids
+    fact, question = (sidecar_inputs(model, episodes[:, c]) for c in (0, 1))
+    reads = len(task.answer_prefix) + task.key_digits
+    with torch.no_grad():
+        _, after_fact = block(fact["x"], None, None, fact["entropy"])
+        before = block(question["x"], after_fact, None, question["entropy"])[0][:, -reads - 1:-1]
+        for c in range(5):
+            x, entropy = pool["x"][c:c + 1].expand(3, -1, -1), pool["entropy"][c:c + 1].expand(3, -1)
+            _, after_call = block(x, after_fact, None, entropy)
+            after = block(question["x"], after_call, None, question["entropy"])[0][:, -reads - 1:-1]
+            by_hand = ((after - before).pow(2).sum((1, 2)) / before.pow(2).sum((1, 2))).mean()
+            assert damage[c].item() == pytest.approx(by_hand.item(), rel=1e-4)
+    assert (damage > 0).all() and damage.std() > 0
+    with pytest.raises(ValueError, match="episodes"):
+        filler_damage(model, pool, task, episodes=0)
+
+
+def test_hard_filler_resumes_exactly(tokenizer, tmp_path):
+    """The ranked hard calls travel in the checkpoint: a run resumed after a ranking draws the same calls."""
+    cfg = RecallTrainConfig(steps=6, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:5-5", filler_pool=16, easy_fraction=0.2, easy_call_tokens=24,
+                            crop_filler=8, hard_filler=0.7, hard_every=2, checkpoint_every=2, lr=1e-2)
+    first = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
+                         checkpoint_dir=tmp_path, progress=False, evaluate=False)
+    state = json.loads((tmp_path / "step-000004" / "trainer_state.json").read_text())
+    assert len(state["hard_calls"]) == 2                              # ranked at step 4 (16 / HARD_SHARE calls)
+    import shutil
+
+    shutil.rmtree(tmp_path / "step-000006")
+    (tmp_path / "latest.json").write_text(json.dumps({"checkpoint": "step-000004", "step": 4}))
+    resumed = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer,
+                           checkpoint_dir=tmp_path, resume=True, progress=False, evaluate=False)
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in first["history"]], rel=1e-4)
+    with pytest.raises(ValueError, match="hard_filler"):
+        RecallTrainConfig(hard_filler=1.5)
+    with pytest.raises(ValueError, match="filler_pool"):
+        RecallTrainConfig(hard_filler=0.5, filler_pool=0)
+
+
 def test_config_and_curriculum_validation():
     assert parse_curriculum("0:2-4,0.5:2-8") == [(0.0, 2, 4), (0.5, 2, 8)]
     for bad in ("", "0.5:2-4", "0:1-4", "0:4-2", "0:2-4,0.5", "0:2-4,0:2-8"):

@@ -11,10 +11,11 @@ from .recall import (
     composed_templates,
     filler_files,
     filler_token_pool,
+    filler_windows,
 )
 
 __all__ = [
     "END_OF_TEXT", "TokenCorpus", "stdlib_documents", "stdlib_modules", "stdlib_tokenizer",
     "FACT_TEMPLATES", "FILLERS", "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES", "RecallBatch", "RecallTask",
-    "composed_templates", "filler_files", "filler_token_pool",
+    "composed_templates", "filler_files", "filler_token_pool", "filler_windows",
 ]

@@ -52,7 +52,7 @@ from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules,
 
 __all__ = [
     "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES",
-    "RecallBatch", "RecallTask", "composed_templates", "filler_files", "filler_token_pool",
+    "RecallBatch", "RecallTask", "composed_templates", "filler_files", "filler_token_pool", "filler_windows",
 ]
 
 FILLERS = ("stdlib", "stdlib+packages", "repeat")
@@ -140,6 +140,17 @@ def filler_files(split: str) -> list[Path]:
     else to "train": the two lists are disjoint and do not depend on the machine's order.
     """
     return stdlib_modules(split)
+
+
+def filler_windows(tokenizer, split: str, call_tokens: int) -> list[tuple[str, int, list[int]]]:
+    """Every whole `call_tokens`-token window of each of the split's modules, its docstrings tokenized as
+    `filler_token_pool` does: (file name, first token, ids), in `filler_files` order."""
+    check_int("call_tokens", call_tokens, 16)
+    windows = []
+    for path in filler_files(split):
+        ids = [i for doc in _docstrings(path) for i in tokenizer.encode(" " + doc, add_special_tokens=False)]
+        windows += [(path.name, s, ids[s:s + call_tokens]) for s in range(0, len(ids) - call_tokens + 1, call_tokens)]
+    return windows
 
 
 def _docstrings(path: Path) -> list[str]:

@@ -81,7 +81,8 @@ from .common import (
 
 __all__ = [
     "EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
-    "crop_plan", "episode_forward", "evaluate_generation", "evaluate_recall", "load_checkpoint", "memory_only_depth",
+    "crop_plan", "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_recall", "filler_damage",
+    "hard_filler_calls", "load_checkpoint", "memory_only_depth",
     "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "score_answer",
     "scored_prefix", "sidecar_inputs", "train_recall",
 ]
@@ -112,6 +113,8 @@ class RecallTrainConfig:
     bptt_calls: int = 0                  # 0: backprop through the whole episode
     filler_pool: int = 256               # filler calls drawn from a pool whose sidecar inputs are computed once
     filler: str = "stdlib"               # main-stage filler text ("stdlib+packages": with the packages' docstrings)
+    hard_filler: float = 0.0             # main stage: this fraction of filler calls comes from the pool's most
+    hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every steps
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
@@ -144,6 +147,10 @@ class RecallTrainConfig:
         for name in ("warmup_steps", "bptt_calls", "seed", "filler_pool"):
             check_int(name, getattr(self, name), 0)
         check_number("easy_fraction", self.easy_fraction, 0, 1)
+        check_number("hard_filler", self.hard_filler, 0, 1)
+        check_int("hard_every", self.hard_every)
+        if self.hard_filler and not self.filler_pool:
+            raise ValueError("hard_filler draws from the filler pool; set filler_pool > 0")
         check_bool("score_prefix", self.score_prefix)
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
         for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES)):
@@ -680,7 +687,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
              "easy": _filler_pool(model, easy_task, cfg, accelerator.device, show) if easy_steps else None}
     pool_seconds = time.time() - t0
 
-    history, start_step, train_seconds = [], 0, 0.0
+    history, start_step, train_seconds, hard = [], 0, 0.0, None
     if checkpoint_dir is not None and not resume and accelerator.is_main_process:
         _clear_checkpoints(checkpoint_dir)
     if resume and checkpoint_dir is not None:
@@ -690,6 +697,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                 raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different config; "
                                  "use another --checkpoint-dir or drop --resume")
             start_step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+            hard = None if state.get("hard_calls") is None else torch.tensor(state["hard_calls"])
 
     # the space that starts the number, scored before the digits (the easy and main tasks share the tokenizer)
     prefix_ids = scored_prefix(train_task, cfg.score_prefix, accelerator.device)
@@ -708,9 +716,11 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         batch = task.batch(calls, cfg.batch_size, seed=step_seed,
                            fact_at=None if crop is None else crop.fact_at).to(accelerator.device)
         features = None
+        if cfg.hard_filler and stage == "main" and step > easy_steps and (step - easy_steps) % cfg.hard_every == 0:
+            hard = hard_filler_calls(filler_damage(model, pool, task, seed=step_seed))   # re-rank the pool
         if pool is not None and calls > 2:   # filler calls from the pool (the batch records which)
-            pick = torch.randint(len(pool["ids"]), (calls - 2, cfg.batch_size),
-                                 generator=torch.Generator().manual_seed(step_seed)).to(accelerator.device)
+            pick = draw_filler_calls(len(pool["ids"]), (calls - 2, cfg.batch_size), step_seed,
+                                     hard if stage == "main" else None, cfg.hard_filler).to(accelerator.device)
             batch.input_ids[:, 1:-1] = pool["ids"][pick].transpose(0, 1)
             features = [None] + [{"x": pool["x"][i], "entropy": None if pool["entropy"] is None else pool["entropy"][i]}
                                  for i in pick]
@@ -736,7 +746,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         if checkpoint_dir is not None and accelerator.is_main_process and (
                 (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, step + 1,
-                            {"config": jsonable(asdict(cfg)), "history": history, "train_seconds": train_seconds})
+                            {"config": jsonable(asdict(cfg)), "history": history, "train_seconds": train_seconds,
+                             "hard_calls": None if hard is None else hard.tolist()})
     bar.close()
 
     result = {"config": jsonable(asdict(cfg)), "cortex_config": json.loads(cfg.cortex_config().to_json()),
@@ -778,6 +789,73 @@ def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progre
     return {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
 
 
+HARD_SHARE = 8   # hard filler calls are the most damaging 1 / HARD_SHARE of the pool
+
+
+@torch.no_grad()
+def filler_damage(model, pool: dict, task: RecallTask, *, episodes: int = 4, seed: int = 0,
+                  chunk: int = 16) -> torch.Tensor:
+    """How much each pool call moves what the sidecar reads where the answer is predicted, [len(pool)]:
+
+        damage(c) = mean over episodes e of |o_e(M_e + c) - o_e(M_e)|^2 / |o_e(M_e)|^2
+
+    M_e: the memory after episode e's fact call (`task.batch(2, episodes, seed)`), M_e + c: after
+    the pool call c as well; o_e(M): the sidecar's output over the positions of e's question call
+    that predict the answer (and its prefix), read from M. Sidecar work only (the pool holds its
+    inputs), so ranking a 1024-call pool takes seconds: a filler call that overwrites the fact
+    scores high. The single sidecar only (`sidecar_inputs`).
+    """
+    check_int("episodes", episodes)
+    check_int("chunk", chunk)
+    cortex = _unwrap(model)
+    block = cortex.sidecars[str(single_sidecar_layer(model))]
+    device = pool["x"].device
+    batch = task.batch(2, episodes, seed=seed).to(device)
+    fact, question = (sidecar_inputs(model, batch.input_ids[:, c]) for c in (0, 1))
+    reads = len(task.answer_prefix) + task.key_digits + 1
+
+    def read(state, n):   # the sidecar's output at the answer-predicting positions, n copies of each episode
+        ent = question["entropy"]
+        out = block(question["x"].repeat(n, 1, 1), state, None, None if ent is None else ent.repeat(n, 1))[0]
+        return out[:, -reads:-1]
+
+    was_training = block.training
+    block.eval()
+    try:
+        _, after_fact = block(fact["x"], None, None, fact["entropy"])
+        reference = read(after_fact, 1)
+        norm = reference.pow(2).sum((1, 2)).clamp_min(torch.finfo(reference.dtype).tiny)   # a ghost sidecar: 0
+        damage = []
+        for start in range(0, len(pool["ids"]), chunk):
+            n = min(chunk, len(pool["ids"]) - start)
+            x = pool["x"][start:start + n].repeat_interleave(episodes, 0)      # call-major: [n * episodes, T, d]
+            ent = None if pool["entropy"] is None else pool["entropy"][start:start + n].repeat_interleave(episodes, 0)
+            state = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in after_fact.items()}
+            _, state = block(x, state, None, ent)
+            moved = (read(state, n) - reference.repeat(n, 1, 1)).pow(2).sum((1, 2)) / norm.repeat(n)
+            damage.append(moved.view(n, episodes).mean(1))
+    finally:
+        block.train(was_training)
+    return torch.cat(damage).cpu()
+
+
+def draw_filler_calls(pool_size: int, shape: tuple[int, int], seed: int, hard: torch.Tensor | None = None,
+                      hard_fraction: float = 0.0) -> torch.Tensor:
+    """Pool indices [calls, batch] drawn uniformly; with `hard` given, each is replaced with probability
+    `hard_fraction` by a uniform draw from `hard` (`hard_filler_calls`). Deterministic given the seed."""
+    draw = torch.Generator().manual_seed(seed)
+    pick = torch.randint(pool_size, shape, generator=draw)
+    if hard is not None and hard_fraction:
+        swap = torch.rand(shape, generator=draw) < hard_fraction
+        pick[swap] = hard[torch.randint(len(hard), (int(swap.sum()),), generator=draw)]
+    return pick
+
+
+def hard_filler_calls(damage: torch.Tensor) -> torch.Tensor:
+    """The pool indices of the most damaging 1 / HARD_SHARE of its calls (at least one)."""
+    return damage.topk(max(1, len(damage) // HARD_SHARE)).indices
+
+
 # ---------------------------------------------------------------------------------------
 # command line
 
@@ -807,6 +885,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filler", choices=FILLERS, default=d.filler,
                    help="main-stage filler text (stdlib+packages: the train split's docstrings and the packages'; "
                         "the easy stage takes --easy-filler)")
+    p.add_argument("--hard-filler", type=float, default=d.hard_filler,
+                   help="main stage: this fraction of filler calls comes from the pool's most damaging eighth "
+                        "(ranked by filler_damage after every --hard-every main steps; 0: uniform draws)")
+    p.add_argument("--hard-every", type=int, default=d.hard_every)
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -837,7 +919,7 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              score_prefix=args.score_prefix,
                              curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool, filler=args.filler,
-                             templates=args.templates,
+                             templates=args.templates, hard_filler=args.hard_filler, hard_every=args.hard_every,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
