@@ -314,6 +314,8 @@ def test_draw_filler_calls_takes_the_hard_fraction_from_the_hard_calls():
     mixed = draw_filler_calls(64, (30, 40), seed=3, hard=hard, hard_fraction=0.5)
     assert 0.5 < torch.isin(mixed, hard).float().mean().item() < 0.6   # half swapped + an eighth of the rest
     assert torch.equal(mixed, draw_filler_calls(64, (30, 40), seed=3, hard=hard, hard_fraction=0.5))
+    with pytest.raises(ValueError, match="hard_fraction"):
+        draw_filler_calls(64, (3, 4), seed=3, hard=hard, hard_fraction=1.5)
 
 
 def test_filler_damage_is_the_read_out_change_of_running_the_calls_by_hand(tokenizer):
@@ -342,6 +344,8 @@ def test_filler_damage_is_the_read_out_change_of_running_the_calls_by_hand(token
     assert (damage > 0).all() and damage.std() > 0
     with pytest.raises(ValueError, match="episodes"):
         filler_damage(model, pool, task, episodes=0)
+    with pytest.raises(ValueError, match="one sidecar layer"):
+        filler_damage(tiny_cortex(tokenizer, controller=True, layers=(0, 1)), pool, task)
 
 
 def test_hard_filler_resumes_exactly(tokenizer, tmp_path):
@@ -364,6 +368,8 @@ def test_hard_filler_resumes_exactly(tokenizer, tmp_path):
         RecallTrainConfig(hard_filler=1.5)
     with pytest.raises(ValueError, match="filler_pool"):
         RecallTrainConfig(hard_filler=0.5, filler_pool=0)
+    with pytest.raises(ValueError, match="layers"):
+        RecallTrainConfig(hard_filler=0.5, layers=[4, 8])
 
 
 def test_config_and_curriculum_validation():

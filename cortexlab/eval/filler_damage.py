@@ -34,6 +34,10 @@ def window_damage(model, task: RecallTask, ids: torch.Tensor, *, episodes: int =
     """`filler_damage` of each call in `ids` [n, T] (its sidecar inputs computed here), [n]."""
     from cortexlab.train.recall import filler_damage, sidecar_inputs
 
+    check_int("batch_size", batch_size)
+    if ids.dim() != 2 or not len(ids):
+        raise ValueError(f"ids must be [n >= 1, T] token ids, got shape {tuple(ids.shape)}")
+    ids = ids.to(next(model.parameters()).device)
     parts = [sidecar_inputs(model, ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)]
     entropy = None if parts[0]["entropy"] is None else torch.cat([p["entropy"] for p in parts])
     pool = {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
@@ -49,7 +53,9 @@ def answer_damage(model, task: RecallTask, call: torch.Tensor, *, episodes: int 
     from cortexlab.train.recall import advance_memory, question_logits
 
     check_int("repeats", repeats)
-    batch = task.batch(2, episodes, seed=seed)
+    check_int("episodes", episodes)
+    device = next(model.parameters()).device
+    batch, call = task.batch(2, episodes, seed=seed).to(device), call.to(device)
     after_fact = advance_memory(model, None, input_ids=batch.input_ids[:, 0])
     memory = after_fact
     for _ in range(repeats):
@@ -80,7 +86,9 @@ def _split_report(model, tokenizer, task, split, *, top, episodes, seed, repeats
 
     ranked = damage.argsort(descending=True).tolist()
     others = random.Random(f"filler_damage/{split}").sample(ranked[top:], top)
-    share = damage[ranked[:max(1, len(ranked) // 100)]].sum() / damage.sum()
+    if len(ranked) < 2 * top:
+        raise ValueError(f"top={top} needs at least {2 * top} calls in split {split!r}, it has {len(ranked)}")
+    share = damage[ranked[:max(1, len(ranked) // 100)]].sum() / damage.sum().clamp_min(1e-30)   # ghost: 0
     return {"windows": len(windows), "files": len(by_file),
             "damage": {"mean": round(damage.mean().item(), 6), "median": round(damage.median().item(), 6),
                        "max": round(damage.max().item(), 6), "top_percent_share": round(share.item(), 3)},

@@ -114,7 +114,8 @@ class RecallTrainConfig:
     filler_pool: int = 256               # filler calls drawn from a pool whose sidecar inputs are computed once
     filler: str = "stdlib"               # main-stage filler text ("stdlib+packages": with the packages' docstrings)
     hard_filler: float = 0.0             # main stage: this fraction of filler calls comes from the pool's most
-    hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every steps
+    hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every main
+                                         #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
@@ -151,6 +152,8 @@ class RecallTrainConfig:
         check_int("hard_every", self.hard_every)
         if self.hard_filler and not self.filler_pool:
             raise ValueError("hard_filler draws from the filler pool; set filler_pool > 0")
+        if self.hard_filler and len(self.layers) != 1:
+            raise ValueError(f"hard_filler ranks the pool with one sidecar layer's inputs; layers={self.layers}")
         check_bool("score_prefix", self.score_prefix)
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
         for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES)):
@@ -717,7 +720,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                            fact_at=None if crop is None else crop.fact_at).to(accelerator.device)
         features = None
         if cfg.hard_filler and stage == "main" and step > easy_steps and (step - easy_steps) % cfg.hard_every == 0:
-            hard = hard_filler_calls(filler_damage(model, pool, task, seed=step_seed))   # re-rank the pool
+            # re-rank the pool on the same episodes in every process (the seed leaves out the rank)
+            hard = hard_filler_calls(filler_damage(model, pool, task, seed=cfg.seed * 1_000_000 + step))
         if pool is not None and calls > 2:   # filler calls from the pool (the batch records which)
             pick = draw_filler_calls(len(pool["ids"]), (calls - 2, cfg.batch_size), step_seed,
                                      hard if stage == "main" else None, cfg.hard_filler).to(accelerator.device)
@@ -802,13 +806,16 @@ def filler_damage(model, pool: dict, task: RecallTask, *, episodes: int = 4, see
     M_e: the memory after episode e's fact call (`task.batch(2, episodes, seed)`), M_e + c: after
     the pool call c as well; o_e(M): the sidecar's output over the positions of e's question call
     that predict the answer (and its prefix), read from M. Sidecar work only (the pool holds its
-    inputs), so ranking a 1024-call pool takes seconds: a filler call that overwrites the fact
-    scores high. The single sidecar only (`sidecar_inputs`).
+    inputs), so ranking a 1024-call pool takes about half a minute on 2 CPU threads: a filler call
+    that overwrites the fact scores high. The single sidecar only (`sidecar_inputs`).
     """
     check_int("episodes", episodes)
     check_int("chunk", chunk)
     cortex = _unwrap(model)
-    block = cortex.sidecars[str(single_sidecar_layer(model))]
+    idx = single_sidecar_layer(model)
+    if idx is None:
+        raise ValueError(f"filler_damage needs a model with one sidecar layer, this one has {cortex.layer_ids}")
+    block = cortex.sidecars[str(idx)]
     device = pool["x"].device
     batch = task.batch(2, episodes, seed=seed).to(device)
     fact, question = (sidecar_inputs(model, batch.input_ids[:, c]) for c in (0, 1))
@@ -843,6 +850,8 @@ def draw_filler_calls(pool_size: int, shape: tuple[int, int], seed: int, hard: t
                       hard_fraction: float = 0.0) -> torch.Tensor:
     """Pool indices [calls, batch] drawn uniformly; with `hard` given, each is replaced with probability
     `hard_fraction` by a uniform draw from `hard` (`hard_filler_calls`). Deterministic given the seed."""
+    check_int("pool_size", pool_size)
+    check_number("hard_fraction", hard_fraction, 0, 1)
     draw = torch.Generator().manual_seed(seed)
     pick = torch.randint(pool_size, shape, generator=draw)
     if hard is not None and hard_fraction:
@@ -888,7 +897,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard-filler", type=float, default=d.hard_filler,
                    help="main stage: this fraction of filler calls comes from the pool's most damaging eighth "
                         "(ranked by filler_damage after every --hard-every main steps; 0: uniform draws)")
-    p.add_argument("--hard-every", type=int, default=d.hard_every)
+    p.add_argument("--hard-every", type=int, default=d.hard_every,
+                   help="rank the pool after every this many main steps (the first ones draw uniformly)")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
