@@ -55,3 +55,5 @@ def test_the_command_ranks_each_split_and_checks_the_top_on_the_answer(tokenizer
         assert top == sorted(top, reverse=True) and min(top) >= max(others) and len(others) == 2
         assert {t["file"] for t in report["top"]} <= {w[0] for w in few[split]}
         assert all(0 <= t["answer"]["exact_match"] <= 1 for t in report["top"] + report["random"])
+    with pytest.raises(ValueError, match="top=6"):
+        filler_damage_eval.main(["--out", str(tmp_path / "e.json"), "--top", "6", "--episodes", "1"])

@@ -85,9 +85,9 @@ def _split_report(model, tokenizer, task, split, *, top, episodes, seed, repeats
                 "text": tokenizer.decode(window)}
 
     ranked = damage.argsort(descending=True).tolist()
-    others = random.Random(f"filler_damage/{split}").sample(ranked[top:], top)
     if len(ranked) < 2 * top:
         raise ValueError(f"top={top} needs at least {2 * top} calls in split {split!r}, it has {len(ranked)}")
+    others = random.Random(f"filler_damage/{split}").sample(ranked[top:], top)
     share = damage[ranked[:max(1, len(ranked) // 100)]].sum() / damage.sum().clamp_min(1e-30)   # ghost: 0
     return {"windows": len(windows), "files": len(by_file),
             "damage": {"mean": round(damage.mean().item(), 6), "median": round(damage.median().item(), 6),
