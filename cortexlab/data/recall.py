@@ -148,9 +148,14 @@ def filler_windows(tokenizer, split: str, call_tokens: int) -> list[tuple[str, i
     check_int("call_tokens", call_tokens, 16)
     windows = []
     for path in filler_files(split):
-        ids = [i for doc in _docstrings(path) for i in tokenizer.encode(" " + doc, add_special_tokens=False)]
+        ids = _docstring_tokens(tokenizer, _docstrings(path))
         windows += [(path.name, s, ids[s:s + call_tokens]) for s in range(0, len(ids) - call_tokens + 1, call_tokens)]
     return windows
+
+
+def _docstring_tokens(tokenizer, docs: list[str]) -> list[int]:
+    """The docstrings' token ids, each tokenized on its own with a space in front, concatenated."""
+    return [i for doc in docs for i in tokenizer.encode(" " + doc, add_special_tokens=False)]
 
 
 def _docstrings(path: Path) -> list[str]:
@@ -221,7 +226,7 @@ def filler_token_pool(tokenizer, split: str, max_chars: int | None = None, *,
             chars += sum(map(len, docs))
             if chars >= max_chars:
                 break
-        ids = [i for text in texts for i in tokenizer.encode(" " + text, add_special_tokens=False)]
+        ids = _docstring_tokens(tokenizer, texts)
         _POOLS[key] = torch.tensor(ids, dtype=torch.int64), sorted(used)
     return _POOLS[key]
 

@@ -32,15 +32,9 @@ __all__ = ["answer_damage", "window_damage"]
 def window_damage(model, task: RecallTask, ids: torch.Tensor, *, episodes: int = 4, seed: int = 0,
                   batch_size: int = 16) -> torch.Tensor:
     """`filler_damage` of each call in `ids` [n, T] (its sidecar inputs computed here), [n]."""
-    from cortexlab.train.recall import filler_damage, sidecar_inputs
+    from cortexlab.train.recall import call_pool, filler_damage
 
-    check_int("batch_size", batch_size)
-    if ids.dim() != 2 or not len(ids):
-        raise ValueError(f"ids must be [n >= 1, T] token ids, got shape {tuple(ids.shape)}")
-    ids = ids.to(next(model.parameters()).device)
-    parts = [sidecar_inputs(model, ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)]
-    entropy = None if parts[0]["entropy"] is None else torch.cat([p["entropy"] for p in parts])
-    pool = {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
+    pool = call_pool(model, ids.to(next(model.parameters()).device), batch_size)
     return filler_damage(model, pool, task, episodes=episodes, seed=seed)
 
 

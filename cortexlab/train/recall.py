@@ -782,13 +782,21 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
 
 def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool) -> dict | None:
     """cfg.filler_pool filler calls and their sidecar inputs, computed once (None: no pool)."""
-    from tqdm.auto import tqdm
-
     if not cfg.filler_pool or single_sidecar_layer(model) is None:
         return None
     ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed).to(device)
-    parts = [sidecar_inputs(model, ids[s:s + 16])
-             for s in tqdm(range(0, len(ids), 16), desc="filler pool", disable=not progress, leave=False)]
+    return call_pool(model, ids, progress=progress)
+
+
+def call_pool(model, ids: torch.Tensor, batch_size: int = 16, progress: bool = False) -> dict:
+    """{"ids": ids [n, T], "x", "entropy"}: the `sidecar_inputs` of n calls, computed batch_size at a time."""
+    from tqdm.auto import tqdm
+
+    check_int("batch_size", batch_size)
+    if ids.dim() != 2 or not len(ids):
+        raise ValueError(f"ids must be [n >= 1, T] token ids, got shape {tuple(ids.shape)}")
+    parts = [sidecar_inputs(model, ids[s:s + batch_size])
+             for s in tqdm(range(0, len(ids), batch_size), desc="filler pool", disable=not progress, leave=False)]
     entropy = None if parts[0]["entropy"] is None else torch.cat([p["entropy"] for p in parts])
     return {"ids": ids, "x": torch.cat([p["x"] for p in parts]), "entropy": entropy}
 
