@@ -217,3 +217,40 @@ def test_fact_at_places_every_fact_at_that_token(tasks):
             task.batch(3, 2, seed=0, fact_at=bad)
     with pytest.raises(ValueError, match="fact_at"):
         task.batch(1, 2, seed=0, fact_at=0)
+
+
+def _distractor_pattern(templates) -> re.Pattern:
+    """A regular expression matching any of the templates with a number in place of {n}."""
+    return re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+") for t in templates))
+
+
+def test_distractors_put_other_numbers_stated_like_facts_into_the_filler(tokenizer):
+    from cortexlab.data.recall import DISTRACTOR_SPACING, DISTRACTOR_TEMPLATES
+
+    plain = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS)
+    always = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=1.0)
+    assert torch.equal(RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=0.0)
+                       .batch(4, 4, seed=2).input_ids, plain.batch(4, 4, seed=2).input_ids)   # p = 0: as before
+    train, heldout = (_distractor_pattern(DISTRACTOR_TEMPLATES[s]) for s in ("train", "heldout"))
+    for call in always.filler_calls(8, seed=0):
+        text = tokenizer.decode(call)
+        assert len(train.findall(text)) == 128 // DISTRACTOR_SPACING and not heldout.search(text)
+        assert "pass key" not in text
+    batch = always.batch(4, 8, seed=1)   # the answer is still the pass key, written at the end of the last call
+    assert all(tokenizer.decode(batch.input_ids[b, -1, -5:]) == key for b, key in enumerate(batch.keys))
+    middle = [tokenizer.decode(call) for episode in batch.input_ids[:, 1:-1] for call in episode]
+    assert all(train.search(text) for text in middle)
+    assert all(t.count("pass key") == 0 for t in middle)
+    held = RecallTask(tokenizer, "heldout", call_tokens=128, max_filler_chars=CHARS, distractors=1.0)
+    text = tokenizer.decode(held.filler_calls(1, seed=0)[0])
+    assert heldout.search(text) and not train.search(text)
+    half = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=0.5)
+    share = sum(bool(train.search(tokenizer.decode(c))) for c in half.filler_calls(200, seed=0)) / 200
+    assert 0.38 < share < 0.62
+    assert held.describe()["distractor_templates"] == list(DISTRACTOR_TEMPLATES["heldout"])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.2", None])
+def test_distractors_outside_zero_one_are_refused(tokenizer, bad):
+    with pytest.raises(ValueError, match="distractors"):
+        RecallTask(tokenizer, "train", max_filler_chars=CHARS, distractors=bad)

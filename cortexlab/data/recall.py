@@ -35,6 +35,13 @@ left out) to the training filler, about twice the tokens, without any docstring 
 `COMPOSED_FACT_PARTS` and `COMPOSED_QUESTION_PARTS` (448 facts, 66 questions, none a held-out template)
 instead of the 8 and 6 listed ones; they include all 6 listed questions and 5 of the 8 listed facts (not
 "Remember this: ...", "Note that ..." and "Please keep in mind that ...").
+
+`distractors=p` puts other numbers stated like facts into the filler: each filler span (around the fact,
+a whole filler call, before the question) is, with probability p, overwritten in one place per
+`DISTRACTOR_SPACING` tokens by a sentence of the split's `DISTRACTOR_TEMPLATES` ("The port number is 8025.",
+">>> x = 31337", "Your room code is 40213. Remember it."), numbers of 1-8 digits, never naming a pass key. The
+answer stays the pass key, so a memory that keeps the last number it read fails. Held-out episodes use their own
+distractor templates; p = 0 (the default) leaves every episode as it was.
 """
 from __future__ import annotations
 
@@ -46,12 +53,13 @@ from pathlib import Path
 
 import torch
 
-from cortexlab.checks import check_bool, check_int
+from cortexlab.checks import check_bool, check_int, check_number
 
 from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
-    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "FACT_TEMPLATES", "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DISTRACTOR_TEMPLATES", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
+    "SPLITS", "TEMPLATES",
     "RecallBatch", "RecallTask", "composed_templates", "filler_files", "filler_token_pool", "filler_windows",
 ]
 
@@ -96,6 +104,32 @@ QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
     ),
 }
 
+DISTRACTOR_TEMPLATES = {   # other numbers stated like facts or doctest results; none names a pass key
+    "train": (
+        "The port number is {n}.",
+        "If no timeout is given then {n} is used.",
+        "Error code {n} means that the file was not found.",
+        "The default buffer size is {n} bytes.",
+        ">>> x = {n}",
+        ">>> len(data) {n}",
+        "Version {n} added this function.",
+        "Your room code is {n}. Remember it.",
+        "Remember this: the door code is {n}.",
+        "Note that the order number is {n}.",
+        "The answer is {n}.",
+        "Important: the limit is {n}.",
+    ),
+    "heldout": (
+        "The server listens on port {n} by default.",
+        ">>> int('{n}') {n}",
+        "Keep this PIN in memory: {n}.",
+        "Bug {n} was fixed in this release.",
+        "The account number you will need is {n}.",
+        "For later reference, the build number is {n}.",
+    ),
+}
+DISTRACTOR_SPACING = 64      # one distractor per this many filler tokens (at least one) in a distracted span
+DISTRACTOR_DIGITS = (1, 2, 3, 4, 5, 5, 5, 6, 8)   # a distractor's length in digits, drawn uniformly (5: as a key)
 
 COMPOSED_FACT_PARTS = (   # opener, statement, closer: 8 x 8 x 7 training facts (templates="composed")
     ("", "Note:", "Important:", "Listen carefully.", "By the way,", "For the record,", "One more thing:",
@@ -276,13 +310,16 @@ class RecallTask:
     pass-key filler, the same for both splits); max_filler_chars: how much docstring text to tokenize;
     phrasing: the split whose fact and question templates are used (None: `split`), so that crossing filler
     and phrasing splits can tell which of the two a model's held-out gap comes from; templates: "listed"
-    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`) or "composed" (`composed_templates()`; train phrasing only).
+    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`) or "composed" (`composed_templates()`; train phrasing only);
+    distractors: the probability that a filler span carries other numbers stated like facts (the split's
+    `DISTRACTOR_TEMPLATES`; see the module docstring).
     """
 
     def __init__(self, tokenizer, split: str = "train", *, call_tokens: int = 48, key_digits: int = 5,
                  filler: str = "stdlib", max_filler_chars: int | None = None, phrasing: str | None = None,
-                 templates: str = "listed"):
+                 templates: str = "listed", distractors: float = 0.0):
         check_split(split)
+        check_number("distractors", distractors, 0, 1)
         phrasing = split if phrasing is None else phrasing
         if phrasing not in SPLITS:
             raise ValueError(f"phrasing must be one of {SPLITS} or None, got {phrasing!r}")
@@ -303,7 +340,8 @@ class RecallTask:
         self.tokenizer, self.split, self.phrasing = tokenizer, split, phrasing
         self.call_tokens, self.key_digits = call_tokens, key_digits
         self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
-        self.filler, self.templates = filler, templates
+        self.filler, self.templates, self.distractors = filler, templates, distractors
+        self.distractor_templates = DISTRACTOR_TEMPLATES[split]
         if filler != "repeat":
             self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars,
                                                              packages=filler == "stdlib+packages")
@@ -358,13 +396,28 @@ class RecallTask:
                          "question_templates": list(self.question_templates)}
         return {"split": self.split, "phrasing": self.phrasing, "templates": self.templates,
                 "call_tokens": self.call_tokens, "key_digits": self.key_digits, "filler": filler,
-                "filler_files": self.source_files, "filler_tokens": len(self.pool), **phrasings}
+                "filler_files": self.source_files, "filler_tokens": len(self.pool), **phrasings,
+                **({"distractors": self.distractors, "distractor_templates": list(self.distractor_templates)}
+                   if self.distractors else {})}
 
     def _filler(self, rng: random.Random, n: int) -> list[int]:
+        """n filler tokens; with probability `distractors`, one distractor per `DISTRACTOR_SPACING` tokens
+        overwrites them, each at a random place in its own stretch of the span (the stretches do not overlap)."""
         if n == 0:
             return []
         start = rng.randrange(len(self.pool) - n + 1)
-        return self.pool[start:start + n].tolist()
+        span = self.pool[start:start + n].tolist()
+        if self.distractors and rng.random() < self.distractors:
+            stretches = max(1, n // DISTRACTOR_SPACING)
+            for k in range(stretches):
+                lo, hi = k * n // stretches, (k + 1) * n // stretches
+                digits = rng.choice(DISTRACTOR_DIGITS)
+                number = str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits))
+                line = self._encode(rng.choice(self.distractor_templates).format(n=number))
+                if len(line) <= hi - lo:
+                    at = rng.randint(lo, hi - len(line))
+                    span[at:at + len(line)] = line
+        return span
 
     def example(self, num_calls: int, rng: random.Random, fact_at: int | None = None) -> tuple[list[list[int]], str]:
         """One episode: (N calls of T token ids, the pass key); fact_at: the fact's first token in call 1

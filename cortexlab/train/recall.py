@@ -117,6 +117,8 @@ class RecallTrainConfig:
     hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every main
                                          #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
+    distractors: float = 0.0             # main stage: a filler span carries other numbers stated like facts with
+                                         #   this probability (`RecallTask(distractors=)`; its pool calls too)
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
@@ -149,6 +151,7 @@ class RecallTrainConfig:
             check_int(name, getattr(self, name), 0)
         check_number("easy_fraction", self.easy_fraction, 0, 1)
         check_number("hard_filler", self.hard_filler, 0, 1)
+        check_number("distractors", self.distractors, 0, 1)
         check_int("hard_every", self.hard_every)
         if self.hard_filler and not self.filler_pool:
             raise ValueError("hard_filler draws from the filler pool; set filler_pool > 0")
@@ -671,7 +674,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         raise ValueError("pass the tokenizer together with the model")
     accelerator = accelerator or Accelerator()
     train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
-                            filler=cfg.filler, templates=cfg.templates)
+                            filler=cfg.filler, templates=cfg.templates, distractors=cfg.distractors)
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     try:
         easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
@@ -907,6 +910,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(ranked by filler_damage after every --hard-every main steps; 0: uniform draws)")
     p.add_argument("--hard-every", type=int, default=d.hard_every,
                    help="rank the pool after every this many main steps (the first ones draw uniformly)")
+    p.add_argument("--distractors", type=float, default=d.distractors,
+                   help="main stage: the probability that a filler span (the pool's calls included) carries other "
+                        "numbers stated like facts ('The port number is 8025.'); the answer stays the pass key")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -938,6 +944,7 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool, filler=args.filler,
                              templates=args.templates, hard_filler=args.hard_filler, hard_every=args.hard_every,
+                             distractors=args.distractors,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
