@@ -79,3 +79,12 @@ def randomise_(model, controller=True):
                 for p in (ctrl.write, ctrl.forget, ctrl.consolidate, ctrl.slow_read):
                     p.copy_(torch.randn(p.shape, generator=gen))
     return model
+
+
+def distractor_pattern(split: str):
+    """A regular expression matching any of the split's distractor sentences, whatever their number."""
+    import re
+
+    from cortexlab.data.recall import DISTRACTOR_TEMPLATES
+
+    return re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+") for t in DISTRACTOR_TEMPLATES[split]))

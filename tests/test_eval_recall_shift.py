@@ -28,3 +28,28 @@ def test_each_crossing_is_evaluate_recall_on_that_task():
     mixed = [readings["filler=heldout,phrasing=train"], readings["filler=train,phrasing=heldout"]]
     pure = [readings["filler=train,phrasing=train"], readings["filler=heldout,phrasing=heldout"]]
     assert mixed[0] != mixed[1] and all(m != p for m in mixed for p in pure)
+
+
+def test_distractors_and_a_choice_of_crossings():
+    import pytest
+
+    from cortexlab.eval.recall_shift import _crossings, crossing_tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = randomise_(tiny_cortex(tokenizer, controller=True))
+    model.tokenizer = tokenizer
+    digits = RecallTask(tokenizer, "train", call_tokens=48, max_filler_chars=20_000).digit_ids
+    with torch.no_grad():
+        model.base.get_output_embeddings().weight[digits] *= 50
+    readings = recall_shift(model, call_tokens=48, distances=(2,), examples=8, batch_size=4, seed=3,
+                            distractors=1.0, crossings=[("heldout", "heldout")])
+    task = RecallTask(tokenizer, "heldout", call_tokens=48, distractors=1.0)
+    ev = evaluate_recall(model, task, distances=(2,), examples=8, batch_size=4, seed=3, variants=("sidecar",))
+    assert readings == {"filler=heldout,phrasing=heldout": {
+        d: {k: r[k] for k in ("exact_match", "digit_accuracy")} for d, r in ev["sidecar"].items()}}
+    tasks = crossing_tasks(tokenizer, call_tokens=48, distractors=0.5, crossings=[("train", "heldout")])
+    assert [(t.split, t.phrasing, t.distractors) for t in tasks.values()] == [("train", "heldout", 0.5)]
+    assert _crossings("heldout/heldout,train/train") == (("heldout", "heldout"), ("train", "train"))
+    for bad in ([], [("heldout", "test")], [("heldout",)]):
+        with pytest.raises(ValueError, match="crossings"):
+            crossing_tasks(tokenizer, call_tokens=48, crossings=bad)

@@ -219,19 +219,15 @@ def test_fact_at_places_every_fact_at_that_token(tasks):
         task.batch(1, 2, seed=0, fact_at=0)
 
 
-def _distractor_pattern(templates) -> re.Pattern:
-    """A regular expression matching any of the templates with a number in place of {n}."""
-    return re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+") for t in templates))
-
-
 def test_distractors_put_other_numbers_stated_like_facts_into_the_filler(tokenizer):
+    from conftest import distractor_pattern
     from cortexlab.data.recall import DISTRACTOR_SPACING, DISTRACTOR_TEMPLATES
 
     plain = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS)
     always = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=1.0)
     assert torch.equal(RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=0.0)
                        .batch(4, 4, seed=2).input_ids, plain.batch(4, 4, seed=2).input_ids)   # p = 0: as before
-    train, heldout = (_distractor_pattern(DISTRACTOR_TEMPLATES[s]) for s in ("train", "heldout"))
+    train, heldout = (distractor_pattern(s) for s in ("train", "heldout"))
     for call in always.filler_calls(8, seed=0):
         text = tokenizer.decode(call)
         assert len(train.findall(text)) == 128 // DISTRACTOR_SPACING and not heldout.search(text)

@@ -372,6 +372,36 @@ def test_hard_filler_resumes_exactly(tokenizer, tmp_path):
         RecallTrainConfig(hard_filler=0.5, layers=[4, 8])
 
 
+def test_distractors_start_at_their_step_in_the_batches_and_the_pool(tokenizer, monkeypatch):
+    from conftest import distractor_pattern
+    from cortexlab.train import recall
+
+    pooled, batches = [], []
+    real_pool, real_score = recall.call_pool, recall.score_answer
+    monkeypatch.setattr(recall, "call_pool", lambda model, ids, **kw: pooled.append(ids) or real_pool(model, ids, **kw))
+    monkeypatch.setattr(recall, "score_answer",
+                        lambda model, batch, *a, **kw: batches.append(batch.input_ids.clone()) or
+                        real_score(model, batch, *a, **kw))
+    cfg = RecallTrainConfig(steps=4, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:3-3", filler_pool=8, easy_fraction=0.25, easy_call_tokens=24,
+                            distractors=0.5, distractors_from=0.5)
+    result = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                          evaluate=False)
+    pattern = distractor_pattern("train")
+    distracted = [[bool(pattern.search(tokenizer.decode(call))) for call in ids.flatten(0, 1)] for ids in batches]
+    easy, main = (next(ids for ids in pooled if ids.shape[1] == t) for t in (24, 48))
+    assert [bool(pattern.search(tokenizer.decode(call))) for call in main] == [False] * 8 + [True] * 8   # 8 added
+    assert not any(pattern.search(tokenizer.decode(call)) for call in easy)      # the easy stage has none
+    assert [any(step) for step in distracted] == [False, False, True, True]    # easy, main, then from step 2
+    assert result["data"]["distracted"]["from_step"] == 2 and result["data"]["distracted"]["pool_calls"] == 8
+    with pytest.raises(ValueError, match="distractors"):
+        RecallTrainConfig(distractors=1.0)
+    with pytest.raises(ValueError, match="distractors_from"):
+        RecallTrainConfig(distractors=0.2, distractors_from=-1)
+    with pytest.raises(ValueError, match="hard_filler"):
+        RecallTrainConfig(distractors=0.2, hard_filler=0.3)
+
+
 def test_config_and_curriculum_validation():
     assert parse_curriculum("0:2-4,0.5:2-8") == [(0.0, 2, 4), (0.5, 2, 8)]
     for bad in ("", "0.5:2-4", "0:1-4", "0:4-2", "0:2-4,0.5", "0:2-4,0:2-8"):

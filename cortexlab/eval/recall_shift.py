@@ -11,6 +11,11 @@ phrasing), and the four readings also show any interaction. Every reading uses f
 (`evaluate_recall`'s layout, seed `EVAL_SEED + 7` by default): train/train is the control for what else
 differs from the training batches (their cropped fact and question calls, their pool of 1024 filler calls).
 One standard error of a reading is sqrt(p (1 - p) / examples).
+
+`--distractors p` reads the crossings with other numbers stated like facts in the filler
+(`RecallTask(distractors=p)`, the filler split's distractor templates): whether the sidecar keeps the pass key
+when the text between holds numbers too (`results/recall_shift_distractors*.json`). `--crossings` picks which
+crossings are read ("heldout/heldout" is filler split / phrasing split).
 """
 from __future__ import annotations
 
@@ -26,21 +31,34 @@ import torch
 from cortexlab.checks import check_int
 from cortexlab.data.recall import SPLITS, RecallTask
 
-__all__ = ["CROSSINGS", "crossing_tasks", "recall_shift"]
+__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "recall_shift"]
 
 CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS)
 
 
-def crossing_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5) -> dict[str, RecallTask]:
-    """{"filler=F,phrasing=P": the RecallTask with split F's filler and split P's templates} for `CROSSINGS`."""
+def check_crossings(crossings) -> tuple[tuple[str, str], ...]:
+    """The crossings as (filler split, phrasing split) pairs, each one of `CROSSINGS`, at least one."""
+    crossings = tuple(tuple(c) for c in crossings)
+    if not crossings or any(c not in CROSSINGS for c in crossings):
+        raise ValueError(f"crossings must be a non-empty list of (filler, phrasing) pairs from {CROSSINGS}, "
+                         f"got {crossings!r}")
+    return crossings
+
+
+def crossing_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5, distractors: float = 0.0,
+                   crossings=CROSSINGS) -> dict[str, RecallTask]:
+    """{"filler=F,phrasing=P": the RecallTask with split F's filler (and distractors) and split P's templates}
+    for each of `crossings`."""
     return {f"filler={filler},phrasing={phrasing}": RecallTask(tokenizer, filler, call_tokens=call_tokens,
-                                                               key_digits=key_digits, phrasing=phrasing)
-            for filler, phrasing in CROSSINGS}
+                                                               key_digits=key_digits, phrasing=phrasing,
+                                                               distractors=distractors)
+            for filler, phrasing in check_crossings(crossings)}
 
 
 def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 8, 16), examples: int = 64,
-                 batch_size: int = 16, seed: int | None = None) -> dict:
-    """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for every crossing of the splits
+                 batch_size: int = 16, seed: int | None = None, distractors: float = 0.0,
+                 crossings=CROSSINGS) -> dict:
+    """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for each crossing of the splits
     (`crossing_tasks`), the sidecar's memory carried through the calls (`evaluate_recall`'s "sidecar" reading).
     model: a `CortexModel` with its tokenizer as `model.tokenizer` (as `load_with_cortex` gives it)."""
     from cortexlab.train import EVAL_SEED, evaluate_recall
@@ -48,11 +66,21 @@ def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 
     check_int("examples", examples)
     seed = EVAL_SEED + 7 if seed is None else seed
     readings = {}
-    for name, task in crossing_tasks(model.tokenizer, call_tokens=call_tokens, key_digits=key_digits).items():
+    tasks = crossing_tasks(model.tokenizer, call_tokens=call_tokens, key_digits=key_digits, distractors=distractors,
+                           crossings=crossings)
+    for name, task in tasks.items():
         ev = evaluate_recall(model, task, distances=distances, examples=examples, batch_size=batch_size, seed=seed,
                              variants=("sidecar",))
         readings[name] = {d: {k: r[k] for k in ("exact_match", "digit_accuracy")} for d, r in ev["sidecar"].items()}
     return readings
+
+
+def _crossings(text: str) -> tuple[tuple[str, str], ...]:
+    """'heldout/heldout,train/train' -> (("heldout", "heldout"), ("train", "train"))."""
+    try:
+        return check_crossings(tuple(part.split("/")) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -66,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--distances", type=int_tuple, default=(1, 8, 16))
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--seed", type=int, default=EVAL_SEED + 7, help="episode seed (default: EVAL_SEED + 7)")
+    p.add_argument("--distractors", type=float, default=0.0,
+                   help="the probability that a filler span carries other numbers stated like facts")
+    p.add_argument("--crossings", type=_crossings, default=CROSSINGS,
+                   help="comma-separated filler/phrasing splits to read (default: all four)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     git_revision(refresh=True)   # the code as the run starts
@@ -75,12 +107,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_with_cortex(adapter=args.adapter)
     config = json.loads((Path(args.adapter) / "card.json").read_text())["config"]
     shape = {"call_tokens": config["call_tokens"], "key_digits": config["key_digits"]}
-    readings = recall_shift(model, **shape, distances=args.distances, examples=args.examples, seed=args.seed)
+    data = crossing_tasks(model.tokenizer, **shape, distractors=args.distractors, crossings=args.crossings)
+    readings = recall_shift(model, **shape, distances=args.distances, examples=args.examples, seed=args.seed,
+                            distractors=args.distractors, crossings=args.crossings)
     command = "python -m cortexlab.eval.recall_shift " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"experiment": "E2's held-out gap: filler and phrasing splits crossed (teacher-forced exact match)",
               "adapter": args.adapter, **shape, "distances": list(args.distances), "examples": args.examples,
-              "seed": args.seed, "readings": readings,
-              "data": {name: task.describe() for name, task in crossing_tasks(model.tokenizer, **shape).items()},
+              "seed": args.seed, "distractors": args.distractors, "readings": readings,
+              "data": {name: task.describe() for name, task in data.items()},
               "seconds": round(time.time() - t0, 1), "command": command, "git": git_revision(),
               "environment": environment()}
     write_json_atomic(Path(args.out), result)

@@ -117,8 +117,9 @@ class RecallTrainConfig:
     hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every main
                                          #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
-    distractors: float = 0.0             # main stage: a filler span carries other numbers stated like facts with
-                                         #   this probability (`RecallTask(distractors=)`; its pool calls too)
+    distractors: float = 0.0             # from step distractors_from * steps on, this share of the filler calls
+    distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans) carries other numbers
+                                         #   stated like facts (`RecallTask(distractors=)`); main stage only
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
@@ -151,7 +152,10 @@ class RecallTrainConfig:
             check_int(name, getattr(self, name), 0)
         check_number("easy_fraction", self.easy_fraction, 0, 1)
         check_number("hard_filler", self.hard_filler, 0, 1)
-        check_number("distractors", self.distractors, 0, 1)
+        check_number("distractors", self.distractors, 0, 1, high_open=True)
+        check_number("distractors_from", self.distractors_from, 0, 1)
+        if self.distractors and self.hard_filler:
+            raise ValueError("hard_filler ranks a pool without distractors; use one of hard_filler and distractors")
         check_int("hard_every", self.hard_every)
         if self.hard_filler and not self.filler_pool:
             raise ValueError("hard_filler draws from the filler pool; set filler_pool > 0")
@@ -674,7 +678,11 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         raise ValueError("pass the tokenizer together with the model")
     accelerator = accelerator or Accelerator()
     train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
-                            filler=cfg.filler, templates=cfg.templates, distractors=cfg.distractors)
+                            filler=cfg.filler, templates=cfg.templates)
+    distracted_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
+                                 filler=cfg.filler, templates=cfg.templates,
+                                 distractors=cfg.distractors) if cfg.distractors else None
+    distractor_step = round(cfg.distractors_from * cfg.steps) if cfg.distractors else cfg.steps
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     try:
         easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
@@ -688,7 +696,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     stages = parse_curriculum(cfg.curriculum)
     t0 = time.time()
     show = progress and accelerator.is_main_process
-    pools = {"main": _filler_pool(model, train_task, cfg, accelerator.device, show) if easy_steps < cfg.steps
+    pools = {"main": _filler_pool(model, train_task, cfg, accelerator.device, show,
+                                  cfg.distractors if distractor_step < cfg.steps else 0.0) if easy_steps < cfg.steps
              else None,
              "easy": _filler_pool(model, easy_task, cfg, accelerator.device, show) if easy_steps else None}
     pool_seconds = time.time() - t0
@@ -717,7 +726,9 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         step_seed = cfg.seed * 1_000_000 + step * accelerator.num_processes + rank
         calls = curriculum_calls(stages, step, cfg.steps, random.Random(f"curriculum/{cfg.seed}/{step}"))
         stage = "easy" if step < easy_steps else "main"
-        task, pool = (easy_task if stage == "easy" else train_task), pools[stage]
+        distract = stage == "main" and step >= distractor_step
+        task, pool = (easy_task if stage == "easy" else distracted_task if distract else train_task), pools[stage]
+        pool_size = 0 if pool is None else len(pool["ids"]) if distract else pool["clean"]
         crop = None if cfg.crop_filler is None else crop_plan(task, cfg.crop_filler, step_seed)
         batch = task.batch(calls, cfg.batch_size, seed=step_seed,
                            fact_at=None if crop is None else crop.fact_at).to(accelerator.device)
@@ -726,7 +737,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
             # re-rank the pool on the same episodes in every process (the seed leaves out the rank)
             hard = hard_filler_calls(filler_damage(model, pool, task, seed=cfg.seed * 1_000_000 + step))
         if pool is not None and calls > 2:   # filler calls from the pool (the batch records which)
-            pick = draw_filler_calls(len(pool["ids"]), (calls - 2, cfg.batch_size), step_seed,
+            pick = draw_filler_calls(pool_size, (calls - 2, cfg.batch_size), step_seed,
                                      hard if stage == "main" else None, cfg.hard_filler).to(accelerator.device)
             batch.input_ids[:, 1:-1] = pool["ids"][pick].transpose(0, 1)
             features = [None] + [{"x": pool["x"][i], "entropy": None if pool["entropy"] is None else pool["entropy"][i]}
@@ -763,7 +774,10 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
               "seeds": {"init": cfg.seed, "train_batches": "seed * 1e6 + step (split 'train')",
                         "eval": EVAL_SEED},
               "data": {"train": train_task.describe(), "heldout": heldout.describe(),   # file lists: disjoint splits
-                       "easy": None if easy_task is None else {**easy_task.describe(), "steps": easy_steps}},
+                       "easy": None if easy_task is None else {**easy_task.describe(), "steps": easy_steps},
+                       "distracted": None if distracted_task is None else {
+                           **distracted_task.describe(), "from_step": distractor_step, "pool_calls": None
+                           if pools["main"] is None else len(pools["main"]["ids"]) - pools["main"]["clean"]}},
               "history": history}
     unwrapped = accelerator.unwrap_model(model)
     if evaluate and accelerator.is_main_process:
@@ -783,12 +797,19 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     return result
 
 
-def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool) -> dict | None:
-    """cfg.filler_pool filler calls and their sidecar inputs, computed once (None: no pool)."""
+def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool,
+                 distractors: float = 0.0) -> dict | None:
+    """cfg.filler_pool filler calls and their sidecar inputs, computed once (None: no pool), "clean" of them;
+    distractors=p appends round(filler_pool * p / (1 - p)) calls that each carry distractors, a share p of all."""
     if not cfg.filler_pool or single_sidecar_layer(model) is None:
         return None
-    ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed).to(device)
-    return call_pool(model, ids, progress=progress)
+    ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed)
+    if distractors:
+        always = RecallTask(task.tokenizer, task.split, call_tokens=task.call_tokens, key_digits=task.key_digits,
+                            filler=task.filler, templates=task.templates, distractors=1.0)
+        ids = torch.cat([ids, always.filler_calls(round(cfg.filler_pool * distractors / (1 - distractors)),
+                                                  seed=cfg.seed)])
+    return {**call_pool(model, ids.to(device), progress=progress), "clean": cfg.filler_pool}
 
 
 def call_pool(model, ids: torch.Tensor, batch_size: int = 16, progress: bool = False) -> dict:
@@ -911,8 +932,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard-every", type=int, default=d.hard_every,
                    help="rank the pool after every this many main steps (the first ones draw uniformly)")
     p.add_argument("--distractors", type=float, default=d.distractors,
-                   help="main stage: the probability that a filler span (the pool's calls included) carries other "
-                        "numbers stated like facts ('The port number is 8025.'); the answer stays the pass key")
+                   help="the share of main-stage filler calls (and the probability for the fact and question calls' "
+                        "filler) that carries other numbers stated like facts ('The port number is 8025.'); the "
+                        "answer stays the pass key; the pool grows by the distracted calls")
+    p.add_argument("--distractors-from", type=float, default=d.distractors_from,
+                   help="the fraction of the steps after which distractors start (before: none)")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -944,7 +968,7 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool, filler=args.filler,
                              templates=args.templates, hard_filler=args.hard_filler, hard_every=args.hard_every,
-                             distractors=args.distractors,
+                             distractors=args.distractors, distractors_from=args.distractors_from,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
