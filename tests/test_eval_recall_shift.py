@@ -50,6 +50,6 @@ def test_distractors_and_a_choice_of_crossings():
     tasks = crossing_tasks(tokenizer, call_tokens=48, distractors=0.5, crossings=[("train", "heldout")])
     assert [(t.split, t.phrasing, t.distractors) for t in tasks.values()] == [("train", "heldout", 0.5)]
     assert _crossings("heldout/heldout,train/train") == (("heldout", "heldout"), ("train", "train"))
-    for bad in ([], [("heldout", "test")], [("heldout",)]):
+    for bad in ([], [("heldout", "test")], [("heldout",)], [5]):
         with pytest.raises(ValueError, match="crossings"):
             crossing_tasks(tokenizer, call_tokens=48, crossings=bad)

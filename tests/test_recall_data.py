@@ -225,8 +225,9 @@ def test_distractors_put_other_numbers_stated_like_facts_into_the_filler(tokeniz
 
     plain = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS)
     always = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=1.0)
-    assert torch.equal(RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=0.0)
-                       .batch(4, 4, seed=2).input_ids, plain.batch(4, 4, seed=2).input_ids)   # p = 0: as before
+    ids = plain.batch(4, 4, seed=2).input_ids   # p = 0: the episodes the code before distractors drew (checksums)
+    assert int((ids * torch.arange(ids.numel()).view_as(ids)).sum()) == 7690564956
+    assert int(plain.filler_calls(3, seed=0).sum()) == 1603002
     train, heldout = (distractor_pattern(s) for s in ("train", "heldout"))
     for call in always.filler_calls(8, seed=0):
         text = tokenizer.decode(call)

@@ -394,12 +394,18 @@ def test_distractors_start_at_their_step_in_the_batches_and_the_pool(tokenizer, 
     assert not any(pattern.search(tokenizer.decode(call)) for call in easy)      # the easy stage has none
     assert [any(step) for step in distracted] == [False, False, True, True]    # easy, main, then from step 2
     assert result["data"]["distracted"]["from_step"] == 2 and result["data"]["distracted"]["pool_calls"] == 8
+    early = RecallTrainConfig(**{**cfg.__dict__, "steps": 2, "easy_fraction": 0.5, "distractors_from": 0.0})
+    result = train_recall(early, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                          evaluate=False)
+    assert result["data"]["distracted"]["from_step"] == 1   # a start inside the easy stage waits for its end
     with pytest.raises(ValueError, match="distractors"):
         RecallTrainConfig(distractors=1.0)
     with pytest.raises(ValueError, match="distractors_from"):
         RecallTrainConfig(distractors=0.2, distractors_from=-1)
     with pytest.raises(ValueError, match="hard_filler"):
         RecallTrainConfig(distractors=0.2, hard_filler=0.3)
+    with pytest.raises(ValueError, match="distractors_from"):
+        RecallTrainConfig(distractors_from=0.5)   # without distractors it would do nothing
 
 
 def test_config_and_curriculum_validation():

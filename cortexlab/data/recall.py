@@ -38,8 +38,9 @@ instead of the 8 and 6 listed ones; they include all 6 listed questions and 5 of
 
 `distractors=p` puts other numbers stated like facts into the filler: each filler span (around the fact,
 a whole filler call, before the question) is, with probability p, overwritten in one place per
-`DISTRACTOR_SPACING` tokens by a sentence of the split's `DISTRACTOR_TEMPLATES` ("The port number is 8025.",
-">>> x = 31337", "Your room code is 40213. Remember it."), numbers of 1-8 digits, never naming a pass key. The
+`DISTRACTOR_SPACING` tokens (where the sentence fits) by a sentence of the split's `DISTRACTOR_TEMPLATES` ("The port
+number is 8025.", ">>> x = 31337", "Your room code is 40213. Remember it."), numbers of 1 to 6 or 8 digits, never
+naming a pass key. A doctest line ends on its number, so the filler token after it may run on ("31337ing"). The
 answer stays the pass key, so a memory that keeps the last number it read fails. Held-out episodes use their own
 distractor templates; p = 0 (the default) leaves every episode as it was.
 """
@@ -128,7 +129,7 @@ DISTRACTOR_TEMPLATES = {   # other numbers stated like facts or doctest results;
         "For later reference, the build number is {n}.",
     ),
 }
-DISTRACTOR_SPACING = 64      # one distractor per this many filler tokens (at least one) in a distracted span
+DISTRACTOR_SPACING = 64      # one distractor per this many filler tokens (at least one try) in a distracted span
 DISTRACTOR_DIGITS = (1, 2, 3, 4, 5, 5, 5, 6, 8)   # a distractor's length in digits, drawn uniformly (5: as a key)
 
 COMPOSED_FACT_PARTS = (   # opener, statement, closer: 8 x 8 x 7 training facts (templates="composed")
@@ -341,6 +342,7 @@ class RecallTask:
         self.call_tokens, self.key_digits = call_tokens, key_digits
         self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
         self.filler, self.templates, self.distractors = filler, templates, distractors
+        self.max_filler_chars = max_filler_chars
         self.distractor_templates = DISTRACTOR_TEMPLATES[split]
         if filler != "repeat":
             self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars,
@@ -401,8 +403,9 @@ class RecallTask:
                    if self.distractors else {})}
 
     def _filler(self, rng: random.Random, n: int) -> list[int]:
-        """n filler tokens; with probability `distractors`, one distractor per `DISTRACTOR_SPACING` tokens
-        overwrites them, each at a random place in its own stretch of the span (the stretches do not overlap)."""
+        """n filler tokens; with probability `distractors`, one distractor per `DISTRACTOR_SPACING` tokens (at least
+        one) overwrites them, each at a random place in its own stretch of the span where it fits (the stretches do
+        not overlap; a stretch shorter than its sentence keeps its filler)."""
         if n == 0:
             return []
         start = rng.randrange(len(self.pool) - n + 1)

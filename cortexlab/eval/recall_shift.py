@@ -38,11 +38,14 @@ CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS
 
 def check_crossings(crossings) -> tuple[tuple[str, str], ...]:
     """The crossings as (filler split, phrasing split) pairs, each one of `CROSSINGS`, at least one."""
-    crossings = tuple(tuple(c) for c in crossings)
-    if not crossings or any(c not in CROSSINGS for c in crossings):
+    try:
+        pairs = tuple(tuple(c) for c in crossings)
+    except TypeError:
+        pairs = ()
+    if not pairs or any(c not in CROSSINGS for c in pairs):
         raise ValueError(f"crossings must be a non-empty list of (filler, phrasing) pairs from {CROSSINGS}, "
                          f"got {crossings!r}")
-    return crossings
+    return pairs
 
 
 def crossing_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5, distractors: float = 0.0,

@@ -117,9 +117,10 @@ class RecallTrainConfig:
     hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every main
                                          #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
-    distractors: float = 0.0             # from step distractors_from * steps on, this share of the filler calls
-    distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans) carries other numbers
-                                         #   stated like facts (`RecallTask(distractors=)`); main stage only
+    distractors: float = 0.0             # after distractors_from * steps steps, this share of the filler calls
+    distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans, before cropping)
+                                         #   carries other numbers stated like facts (`RecallTask(distractors=)`);
+                                         #   main stage only: a start inside the easy stage waits for its end
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
@@ -154,6 +155,8 @@ class RecallTrainConfig:
         check_number("hard_filler", self.hard_filler, 0, 1)
         check_number("distractors", self.distractors, 0, 1, high_open=True)
         check_number("distractors_from", self.distractors_from, 0, 1)
+        if self.distractors_from and not self.distractors:
+            raise ValueError(f"distractors_from={self.distractors_from} needs distractors > 0")
         if self.distractors and self.hard_filler:
             raise ValueError("hard_filler ranks a pool without distractors; use one of hard_filler and distractors")
         check_int("hard_every", self.hard_every)
@@ -682,8 +685,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     distracted_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
                                  filler=cfg.filler, templates=cfg.templates,
                                  distractors=cfg.distractors) if cfg.distractors else None
-    distractor_step = round(cfg.distractors_from * cfg.steps) if cfg.distractors else cfg.steps
     easy_steps = round(cfg.easy_fraction * cfg.steps)
+    distractor_step = max(round(cfg.distractors_from * cfg.steps), easy_steps) if cfg.distractors else cfg.steps
     try:
         easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
                                filler=cfg.easy_filler, templates=cfg.templates) if easy_steps else None
@@ -806,7 +809,8 @@ def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progre
     ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed)
     if distractors:
         always = RecallTask(task.tokenizer, task.split, call_tokens=task.call_tokens, key_digits=task.key_digits,
-                            filler=task.filler, templates=task.templates, distractors=1.0)
+                            filler=task.filler, max_filler_chars=task.max_filler_chars, templates=task.templates,
+                            distractors=1.0)
         ids = torch.cat([ids, always.filler_calls(round(cfg.filler_pool * distractors / (1 - distractors)),
                                                   seed=cfg.seed)])
     return {**call_pool(model, ids.to(device), progress=progress), "clean": cfg.filler_pool}
@@ -933,10 +937,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="rank the pool after every this many main steps (the first ones draw uniformly)")
     p.add_argument("--distractors", type=float, default=d.distractors,
                    help="the share of main-stage filler calls (and the probability for the fact and question calls' "
-                        "filler) that carries other numbers stated like facts ('The port number is 8025.'); the "
-                        "answer stays the pass key; the pool grows by the distracted calls")
+                        "filler spans, before --crop-filler crops most of them away) that carries other numbers "
+                        "stated like facts ('The port number is 8025.'); the answer stays the pass key; the pool "
+                        "grows by the distracted calls")
     p.add_argument("--distractors-from", type=float, default=d.distractors_from,
-                   help="the fraction of the steps after which distractors start (before: none)")
+                   help="the fraction of the steps after which distractors start (before: none; not before the "
+                        "easy stage ends)")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
