@@ -47,6 +47,7 @@ distractor templates; p = 0 (the default) leaves every episode as it was.
 from __future__ import annotations
 
 import ast
+import copy
 import itertools
 import random
 from dataclasses import dataclass
@@ -342,7 +343,6 @@ class RecallTask:
         self.call_tokens, self.key_digits = call_tokens, key_digits
         self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
         self.filler, self.templates, self.distractors = filler, templates, distractors
-        self.max_filler_chars = max_filler_chars
         self.distractor_templates = DISTRACTOR_TEMPLATES[split]
         if filler != "repeat":
             self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars,
@@ -401,6 +401,14 @@ class RecallTask:
                 "filler_files": self.source_files, "filler_tokens": len(self.pool), **phrasings,
                 **({"distractors": self.distractors, "distractor_templates": list(self.distractor_templates)}
                    if self.distractors else {})}
+
+    def with_distractors(self, distractors: float) -> RecallTask:
+        """The same task (tokenizer, filler pool, templates) whose filler spans carry distractors with this
+        probability."""
+        check_number("distractors", distractors, 0, 1)
+        task = copy.copy(self)
+        task.distractors = distractors
+        return task
 
     def _filler(self, rng: random.Random, n: int) -> list[int]:
         """n filler tokens; with probability `distractors`, one distractor per `DISTRACTOR_SPACING` tokens (at least

@@ -682,9 +682,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     accelerator = accelerator or Accelerator()
     train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
                             filler=cfg.filler, templates=cfg.templates)
-    distracted_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
-                                 filler=cfg.filler, templates=cfg.templates,
-                                 distractors=cfg.distractors) if cfg.distractors else None
+    distracted_task = train_task.with_distractors(cfg.distractors) if cfg.distractors else None
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     distractor_step = max(round(cfg.distractors_from * cfg.steps), easy_steps) if cfg.distractors else cfg.steps
     try:
@@ -808,11 +806,8 @@ def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progre
         return None
     ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed)
     if distractors:
-        always = RecallTask(task.tokenizer, task.split, call_tokens=task.call_tokens, key_digits=task.key_digits,
-                            filler=task.filler, max_filler_chars=task.max_filler_chars, templates=task.templates,
-                            distractors=1.0)
-        ids = torch.cat([ids, always.filler_calls(round(cfg.filler_pool * distractors / (1 - distractors)),
-                                                  seed=cfg.seed)])
+        extra = round(cfg.filler_pool * distractors / (1 - distractors))
+        ids = torch.cat([ids, task.with_distractors(1.0).filler_calls(extra, seed=cfg.seed)])
     return {**call_pool(model, ids.to(device), progress=progress), "clean": cfg.filler_pool}
 
 
