@@ -81,10 +81,11 @@ def randomise_(model, controller=True):
     return model
 
 
-def distractor_pattern(split: str):
-    """A regular expression matching any of the split's distractor sentences, whatever their number."""
+def distractor_pattern(split: str, kind: str = "all"):
+    """A regular expression matching any of the split's distractor sentences of this kind, whatever their number."""
     import re
 
-    from cortexlab.data.recall import DISTRACTOR_TEMPLATES
+    from cortexlab.data.recall import distractor_templates
 
-    return re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+") for t in DISTRACTOR_TEMPLATES[split]))
+    return re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+")
+                               for t in distractor_templates(split, kind)))

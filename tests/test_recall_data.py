@@ -247,6 +247,32 @@ def test_distractors_put_other_numbers_stated_like_facts_into_the_filler(tokeniz
     assert held.describe()["distractor_templates"] == list(DISTRACTOR_TEMPLATES["heldout"])
 
 
+def test_plain_distractors_leave_out_the_ones_framed_like_facts(tokenizer):
+    import re
+
+    from conftest import distractor_pattern
+    from cortexlab.data.recall import FACT_FRAMED_DISTRACTORS, distractor_templates
+
+    assert set(distractor_templates("train")) - set(distractor_templates("train", "plain")) == \
+        {t for t in FACT_FRAMED_DISTRACTORS if t in distractor_templates("train")}
+    framed = re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+") for t in FACT_FRAMED_DISTRACTORS))
+    plain = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=1.0,
+                       distractor_kind="plain")
+    texts = [tokenizer.decode(call) for call in plain.filler_calls(40, seed=0)]
+    assert all(distractor_pattern("train", "plain").search(t) for t in texts)
+    assert not any(framed.search(t) for t in texts)
+    every = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=1.0)
+    assert any(framed.search(tokenizer.decode(c)) for c in every.filler_calls(40, seed=0))   # "all" has them
+    copied = every.with_distractors(1.0, "plain")   # the copy draws what the plain task draws
+    assert torch.equal(copied.filler_calls(5, seed=3), plain.filler_calls(5, seed=3))
+    assert copied.with_distractors(0.5).distractor_kind == "plain" and every.distractor_kind == "all"
+    assert plain.describe()["distractor_kind"] == "plain"
+    with pytest.raises(ValueError, match="distractor_kind"):
+        RecallTask(tokenizer, "train", max_filler_chars=CHARS, distractors=0.2, distractor_kind="facts")
+    with pytest.raises(ValueError, match="distractor_kind"):
+        every.with_distractors(0.2, "facts")
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.2", None])
 def test_distractors_outside_zero_one_are_refused(tokenizer, bad):
     with pytest.raises(ValueError, match="distractors"):

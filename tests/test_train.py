@@ -408,6 +408,29 @@ def test_distractors_start_at_their_step_in_the_batches_and_the_pool(tokenizer, 
         RecallTrainConfig(distractors_from=0.5)   # without distractors it would do nothing
 
 
+def test_plain_distractors_reach_the_batches_and_the_pool(tokenizer, monkeypatch):
+    from conftest import distractor_pattern
+    from cortexlab.train import recall
+
+    pooled = []
+    real_pool = recall.call_pool
+    monkeypatch.setattr(recall, "call_pool", lambda model, ids, **kw: pooled.append(ids) or real_pool(model, ids, **kw))
+    cfg = RecallTrainConfig(steps=2, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:3-3", filler_pool=8, easy_fraction=0.0, distractors=0.5,
+                            distractor_kind="plain")
+    result = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                          evaluate=False)
+    plain, every = distractor_pattern("train", "plain"), distractor_pattern("train")
+    added = [tokenizer.decode(call) for call in pooled[0][8:]]
+    assert len(added) == 8 and all(plain.search(t) for t in added)
+    assert sum(len(every.findall(t)) for t in added) == sum(len(plain.findall(t)) for t in added)   # no framed one
+    assert result["data"]["distracted"]["distractor_kind"] == "plain"
+    with pytest.raises(ValueError, match="distractor_kind"):
+        RecallTrainConfig(distractor_kind="plain")   # without distractors it would do nothing
+    with pytest.raises(ValueError, match="distractor_kind"):
+        RecallTrainConfig(distractors=0.2, distractor_kind="facts")
+
+
 def test_config_and_curriculum_validation():
     assert parse_curriculum("0:2-4,0.5:2-8") == [(0.0, 2, 4), (0.5, 2, 8)]
     for bad in ("", "0.5:2-4", "0:1-4", "0:4-2", "0:2-4,0.5", "0:2-4,0:2-8"):

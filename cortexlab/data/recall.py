@@ -42,7 +42,9 @@ a whole filler call, before the question) is, with probability p, overwritten in
 number is 8025.", ">>> x = 31337", "Your room code is 40213. Remember it."), numbers of 1 to 6 or 8 digits, never
 naming a pass key. A doctest line ends on its number, so the filler token after it may run on ("31337ing"). The
 answer stays the pass key, so a memory that keeps the last number it read fails. Held-out episodes use their own
-distractor templates; p = 0 (the default) leaves every episode as it was.
+distractor templates; p = 0 (the default) leaves every episode as it was. `distractor_kind="plain"` leaves out the
+`FACT_FRAMED_DISTRACTORS`, those that state a number in a fact's own frame with another noun ("Remember this: the
+door code is 4071."), and keeps the code and prose ones (">>> x = 31337", "Version 3 added this function.").
 """
 from __future__ import annotations
 
@@ -60,9 +62,11 @@ from cortexlab.checks import check_bool, check_int, check_number
 from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
-    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DISTRACTOR_TEMPLATES", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DISTRACTOR_KINDS", "DISTRACTOR_TEMPLATES",
+    "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
     "SPLITS", "TEMPLATES",
-    "RecallBatch", "RecallTask", "composed_templates", "filler_files", "filler_token_pool", "filler_windows",
+    "RecallBatch", "RecallTask", "composed_templates", "distractor_templates", "filler_files", "filler_token_pool",
+    "filler_windows",
 ]
 
 FILLERS = ("stdlib", "stdlib+packages", "repeat")
@@ -130,6 +134,13 @@ DISTRACTOR_TEMPLATES = {   # other numbers stated like facts or doctest results;
         "For later reference, the build number is {n}.",
     ),
 }
+FACT_FRAMED_DISTRACTORS = frozenset({   # a number in a fact's frame, another noun than "pass key"
+    "The port number is {n}.", "Your room code is {n}. Remember it.", "Remember this: the door code is {n}.",
+    "Note that the order number is {n}.", "The answer is {n}.", "Important: the limit is {n}.",
+    "Keep this PIN in memory: {n}.", "The account number you will need is {n}.",
+    "For later reference, the build number is {n}.",
+})
+DISTRACTOR_KINDS = ("all", "plain")   # plain: the split's distractors without the FACT_FRAMED_DISTRACTORS
 DISTRACTOR_SPACING = 64      # one distractor per this many filler tokens (at least one try) in a distracted span
 DISTRACTOR_DIGITS = (1, 2, 3, 4, 5, 5, 5, 6, 8)   # a distractor's length in digits, drawn uniformly (5: as a key)
 
@@ -159,6 +170,15 @@ def _sentence(*parts: str) -> str:
             part = part[0].upper() + part[1:]
         out.append(part)
     return " ".join(out)
+
+
+def distractor_templates(split: str, distractor_kind: str = "all") -> tuple[str, ...]:
+    """The split's `DISTRACTOR_TEMPLATES`, all of them or the "plain" ones (without the `FACT_FRAMED_DISTRACTORS`)."""
+    check_split(split)
+    if distractor_kind not in DISTRACTOR_KINDS:
+        raise ValueError(f"distractor_kind must be one of {DISTRACTOR_KINDS}, got {distractor_kind!r}")
+    return tuple(t for t in DISTRACTOR_TEMPLATES[split]
+                 if distractor_kind == "all" or t not in FACT_FRAMED_DISTRACTORS)
 
 
 def composed_templates() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -314,12 +334,13 @@ class RecallTask:
     and phrasing splits can tell which of the two a model's held-out gap comes from; templates: "listed"
     (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`) or "composed" (`composed_templates()`; train phrasing only);
     distractors: the probability that a filler span carries other numbers stated like facts (the split's
-    `DISTRACTOR_TEMPLATES`; see the module docstring).
+    `DISTRACTOR_TEMPLATES`; see the module docstring); distractor_kind: "all" of them or the "plain" ones (without
+    the `FACT_FRAMED_DISTRACTORS`).
     """
 
     def __init__(self, tokenizer, split: str = "train", *, call_tokens: int = 48, key_digits: int = 5,
                  filler: str = "stdlib", max_filler_chars: int | None = None, phrasing: str | None = None,
-                 templates: str = "listed", distractors: float = 0.0):
+                 templates: str = "listed", distractors: float = 0.0, distractor_kind: str = "all"):
         check_split(split)
         check_number("distractors", distractors, 0, 1)
         phrasing = split if phrasing is None else phrasing
@@ -343,7 +364,8 @@ class RecallTask:
         self.call_tokens, self.key_digits = call_tokens, key_digits
         self.digit_ids, self.answer_prefix = self._digit_tokens(tokenizer)
         self.filler, self.templates, self.distractors = filler, templates, distractors
-        self.distractor_templates = DISTRACTOR_TEMPLATES[split]
+        self.distractor_kind = distractor_kind
+        self.distractor_templates = distractor_templates(split, distractor_kind)
         if filler != "repeat":
             self.pool, self.source_files = filler_token_pool(tokenizer, split, max_filler_chars,
                                                              packages=filler == "stdlib+packages")
@@ -399,15 +421,17 @@ class RecallTask:
         return {"split": self.split, "phrasing": self.phrasing, "templates": self.templates,
                 "call_tokens": self.call_tokens, "key_digits": self.key_digits, "filler": filler,
                 "filler_files": self.source_files, "filler_tokens": len(self.pool), **phrasings,
-                **({"distractors": self.distractors, "distractor_templates": list(self.distractor_templates)}
-                   if self.distractors else {})}
+                **({"distractors": self.distractors, "distractor_kind": self.distractor_kind,
+                    "distractor_templates": list(self.distractor_templates)} if self.distractors else {})}
 
-    def with_distractors(self, distractors: float) -> RecallTask:
+    def with_distractors(self, distractors: float, distractor_kind: str | None = None) -> RecallTask:
         """The same task (tokenizer, filler pool, templates) whose filler spans carry distractors with this
-        probability."""
+        probability, of this kind (None: the task's)."""
         check_number("distractors", distractors, 0, 1)
+        kind = self.distractor_kind if distractor_kind is None else distractor_kind
+        templates = distractor_templates(self.split, kind)
         task = copy.copy(self)
-        task.distractors = distractors
+        task.distractors, task.distractor_kind, task.distractor_templates = distractors, kind, templates
         return task
 
     def _filler(self, rng: random.Random, n: int) -> list[int]:

@@ -64,7 +64,7 @@ from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
-from cortexlab.data.recall import FILLERS, TEMPLATES, RecallBatch, RecallTask
+from cortexlab.data.recall import DISTRACTOR_KINDS, FILLERS, TEMPLATES, RecallBatch, RecallTask
 
 from .common import (
     environment,
@@ -121,6 +121,7 @@ class RecallTrainConfig:
     distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans, before cropping)
                                          #   carries other numbers stated like facts (`RecallTask(distractors=)`);
                                          #   main stage only: a start inside the easy stage waits for its end
+    distractor_kind: str = "all"         # "plain": without the distractors framed like facts (`RecallTask`)
     easy_fraction: float = 0.5           # the first fraction of the steps uses easier episodes:
     easy_call_tokens: int = 24           #   shorter calls (less filler written over the fact) ...
     easy_filler: str = "stdlib"          #   ... and this filler ("repeat": the classic repeated pass-key text)
@@ -157,6 +158,8 @@ class RecallTrainConfig:
         check_number("distractors_from", self.distractors_from, 0, 1)
         if self.distractors_from and not self.distractors:
             raise ValueError(f"distractors_from={self.distractors_from} needs distractors > 0")
+        if self.distractor_kind != "all" and not self.distractors:
+            raise ValueError(f"distractor_kind={self.distractor_kind!r} needs distractors > 0")
         if self.distractors and self.hard_filler:
             raise ValueError("hard_filler ranks a pool without distractors; use one of hard_filler and distractors")
         check_int("hard_every", self.hard_every)
@@ -166,7 +169,8 @@ class RecallTrainConfig:
             raise ValueError(f"hard_filler ranks the pool with one sidecar layer's inputs; layers={self.layers}")
         check_bool("score_prefix", self.score_prefix)
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
-        for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES)):
+        for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES),
+                              ("distractor_kind", DISTRACTOR_KINDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         check_number("lr", self.lr, 0, low_open=True)
@@ -682,7 +686,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     accelerator = accelerator or Accelerator()
     train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
                             filler=cfg.filler, templates=cfg.templates)
-    distracted_task = train_task.with_distractors(cfg.distractors) if cfg.distractors else None
+    distracted_task = (train_task.with_distractors(cfg.distractors, cfg.distractor_kind) if cfg.distractors
+                       else None)
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     distractor_step = max(round(cfg.distractors_from * cfg.steps), easy_steps) if cfg.distractors else cfg.steps
     try:
@@ -698,7 +703,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     t0 = time.time()
     show = progress and accelerator.is_main_process
     pools = {"main": _filler_pool(model, train_task, cfg, accelerator.device, show,
-                                  cfg.distractors if distractor_step < cfg.steps else 0.0) if easy_steps < cfg.steps
+                                  distracted_task if distractor_step < cfg.steps else None) if easy_steps < cfg.steps
              else None,
              "easy": _filler_pool(model, easy_task, cfg, accelerator.device, show) if easy_steps else None}
     pool_seconds = time.time() - t0
@@ -799,15 +804,17 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
 
 
 def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool,
-                 distractors: float = 0.0) -> dict | None:
+                 distracted: RecallTask | None = None) -> dict | None:
     """cfg.filler_pool filler calls and their sidecar inputs, computed once (None: no pool), "clean" of them;
-    distractors=p appends round(filler_pool * p / (1 - p)) calls that each carry distractors, a share p of all."""
+    a `distracted` task (distractors p) appends round(filler_pool * p / (1 - p)) calls that each carry its
+    distractors, a share p of all."""
     if not cfg.filler_pool or single_sidecar_layer(model) is None:
         return None
     ids = task.filler_calls(cfg.filler_pool, seed=cfg.seed)
-    if distractors:
-        extra = round(cfg.filler_pool * distractors / (1 - distractors))
-        ids = torch.cat([ids, task.with_distractors(1.0).filler_calls(extra, seed=cfg.seed)])
+    if distracted is not None:
+        p = distracted.distractors
+        extra = round(cfg.filler_pool * p / (1 - p))
+        ids = torch.cat([ids, distracted.with_distractors(1.0).filler_calls(extra, seed=cfg.seed)])
     return {**call_pool(model, ids.to(device), progress=progress), "clean": cfg.filler_pool}
 
 
@@ -938,6 +945,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distractors-from", type=float, default=d.distractors_from,
                    help="the fraction of the steps after which distractors start (before: none; not before the "
                         "easy stage ends)")
+    p.add_argument("--distractor-kind", choices=DISTRACTOR_KINDS, default=d.distractor_kind,
+                   help="all distractors, or the plain ones: code and prose numbers, without those framed like a "
+                        "fact ('Remember this: the door code is 4071.')")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -970,6 +980,7 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool, filler=args.filler,
                              templates=args.templates, hard_filler=args.hard_filler, hard_every=args.hard_every,
                              distractors=args.distractors, distractors_from=args.distractors_from,
+                             distractor_kind=args.distractor_kind,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
