@@ -53,3 +53,48 @@ def test_distractors_and_a_choice_of_crossings():
     for bad in ([], [("heldout", "test")], [("heldout",)], [5]):
         with pytest.raises(ValueError, match="crossings"):
             crossing_tasks(tokenizer, call_tokens=48, crossings=bad)
+
+
+def test_by_template_reads_each_template_of_the_phrasing_split_on_its_own():
+    from cortexlab.data.recall import FACT_TEMPLATES, QUESTION_TEMPLATES
+    from cortexlab.eval.recall_shift import template_tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tasks = template_tasks(tokenizer, call_tokens=48, crossings=[("train", "heldout")])
+    facts, questions = FACT_TEMPLATES["heldout"], QUESTION_TEMPLATES["heldout"]
+    assert list(tasks) == ([f"filler=train,fact={t}" for t in facts] +
+                           [f"filler=train,question={t}" for t in questions])
+    for name, task in tasks.items():   # one held-out template, the other part from the training templates
+        one = name.split(",", 1)[1].split("=", 1)[1]
+        assert task.split == "train"
+        if name.startswith("filler=train,fact="):
+            assert task.fact_templates == (one,) and task.question_templates == QUESTION_TEMPLATES["train"]
+        else:
+            assert task.question_templates == (one,) and task.fact_templates == FACT_TEMPLATES["train"]
+        episode = tokenizer.decode(task.batch(2, 2, seed=0).input_ids[0].flatten())
+        assert one.split("{key}")[0].strip() in episode and task.describe()["templates"] == "given"
+    model = randomise_(tiny_cortex(tokenizer, controller=True))
+    model.tokenizer = tokenizer
+    readings = recall_shift(model, call_tokens=48, distances=(1,), examples=4, batch_size=4, seed=3,
+                            crossings=[("train", "heldout")], by_template=True)
+    name = f"filler=train,fact={facts[0]}"
+    ev = evaluate_recall(model, tasks[name], distances=(1,), examples=4, batch_size=4, seed=3, variants=("sidecar",))
+    assert set(readings) == set(tasks)
+    assert readings[name] == {d: {k: r[k] for k in ("exact_match", "digit_accuracy")} for d, r in ev["sidecar"].items()}
+
+
+def test_with_templates_checks_its_templates():
+    import pytest
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    task = RecallTask(tokenizer, "train", call_tokens=48, max_filler_chars=20_000)
+    short = task.with_templates(questions=("Key?",))
+    assert short.max_tail_tokens < task.max_tail_tokens and short.fact_templates == task.fact_templates
+    assert task.templates == "listed"   # the original is untouched
+    for bad in ("The pass key is {key}.", [], ["no key here"], ["{key} and {key}"], [3]):
+        with pytest.raises(ValueError, match="facts"):
+            task.with_templates(facts=bad)
+    with pytest.raises(ValueError, match="questions"):
+        task.with_templates(questions=[""])
+    with pytest.raises(ValueError, match="call_tokens"):
+        task.with_templates(facts=["The pass key is {key}. " + "Remember it well. " * 20])

@@ -372,20 +372,36 @@ class RecallTask:
         else:
             unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
             self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
-        if templates == "composed":
-            self.fact_templates, self.question_templates = composed_templates()
-        else:
-            self.fact_templates, self.question_templates = FACT_TEMPLATES[phrasing], QUESTION_TEMPLATES[phrasing]
-        longest_fact = max(len(self._encode(t.format(key="0" * key_digits))) for t in self.fact_templates)
-        longest_question = max(len(self._encode(t)) for t in self.question_templates)
         self.answer_tokens = len(self.answer_prefix) + key_digits
-        self.max_fact_tokens = longest_fact
-        self.max_tail_tokens = longest_question + self.answer_tokens   # question + answer, the end of call N
-        if longest_fact > call_tokens or self.max_tail_tokens > call_tokens:
-            raise ValueError(f"call_tokens={call_tokens} is too short: the longest fact takes {longest_fact} "
-                             f"tokens and the longest question + answer {longest_question + self.answer_tokens}")
+        self._use_templates(*(composed_templates() if templates == "composed"
+                              else (FACT_TEMPLATES[phrasing], QUESTION_TEMPLATES[phrasing])))
         if len(self.pool) < 4 * call_tokens:
             raise ValueError(f"only {len(self.pool)} filler tokens for split {split!r}; raise max_filler_chars")
+
+    def _use_templates(self, facts: tuple[str, ...], questions: tuple[str, ...]) -> None:
+        """Set the fact and question templates and the longest fact and question + answer they give."""
+        longest_fact = max(len(self._encode(t.format(key="0" * self.key_digits))) for t in facts)
+        longest_question = max(len(self._encode(t)) for t in questions)
+        if longest_fact > self.call_tokens or longest_question + self.answer_tokens > self.call_tokens:
+            raise ValueError(f"call_tokens={self.call_tokens} is too short: the longest fact takes {longest_fact} "
+                             f"tokens and the longest question + answer {longest_question + self.answer_tokens}")
+        self.fact_templates, self.question_templates = facts, questions
+        self.max_fact_tokens = longest_fact
+        self.max_tail_tokens = longest_question + self.answer_tokens   # question + answer, the end of call N
+
+    def with_templates(self, facts=None, questions=None) -> RecallTask:
+        """The same task (tokenizer, filler, distractors) with these fact templates (each with one "{key}") and
+        question templates (None: the task's), e.g. one template at a time (`recall_shift --by-template`)."""
+        for name, given, need in (("facts", facts, "{key}"), ("questions", questions, None)):
+            if given is not None and (isinstance(given, str) or not given or not all(
+                    isinstance(t, str) and t.strip() and (need is None or t.count(need) == 1) for t in given)):
+                raise ValueError(f"{name} must be a non-empty list of templates"
+                                 f"{' each with one ' + repr(need) if need else ''}, got {given!r}")
+        task = copy.copy(self)
+        task._use_templates(self.fact_templates if facts is None else tuple(facts),
+                            self.question_templates if questions is None else tuple(questions))
+        task.templates = "given"   # describe() lists them
+        return task
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(" " + text, add_special_tokens=False)

@@ -16,6 +16,10 @@ One standard error of a reading is sqrt(p (1 - p) / examples).
 (`RecallTask(distractors=p)`, the filler split's distractor templates): whether the sidecar keeps the pass key
 when the text between holds numbers too (`results/recall_shift_distractors*.json`). `--crossings` picks which
 crossings are read ("heldout/heldout" is filler split / phrasing split).
+
+`--by-template` reads, for each crossing F/P, every fact template of split P on its own (the questions from the
+training templates) and every question template of P on its own (the facts from the training templates), on F's
+filler (`template_tasks`): which of the phrasings carry the gap.
 """
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from cortexlab.checks import check_int
+from cortexlab.checks import check_bool, check_int
 from cortexlab.data.recall import SPLITS, RecallTask
 
-__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "recall_shift"]
+__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "recall_shift", "template_tasks"]
 
 CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS)
 
@@ -58,19 +62,37 @@ def crossing_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5, distract
             for filler, phrasing in check_crossings(crossings)}
 
 
+def template_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5, distractors: float = 0.0,
+                   crossings=CROSSINGS) -> dict[str, RecallTask]:
+    """For each crossing F/P: {"filler=F,fact=<template>": F's filler, one of P's fact templates, the training
+    questions} for each of P's fact templates, and {"filler=F,question=<template>": ..., the training facts} for
+    each of P's question templates."""
+    tasks = {}
+    for filler, phrasing in check_crossings(crossings):
+        known = RecallTask(tokenizer, filler, call_tokens=call_tokens, key_digits=key_digits, phrasing="train",
+                           distractors=distractors)
+        split = RecallTask(tokenizer, filler, call_tokens=call_tokens, key_digits=key_digits, phrasing=phrasing)
+        tasks.update({f"filler={filler},fact={t}": known.with_templates(facts=(t,)) for t in split.fact_templates})
+        tasks.update({f"filler={filler},question={t}": known.with_templates(questions=(t,))
+                      for t in split.question_templates})
+    return tasks
+
+
 def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 8, 16), examples: int = 64,
                  batch_size: int = 16, seed: int | None = None, distractors: float = 0.0,
-                 crossings=CROSSINGS) -> dict:
+                 crossings=CROSSINGS, by_template: bool = False) -> dict:
     """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for each crossing of the splits
-    (`crossing_tasks`), the sidecar's memory carried through the calls (`evaluate_recall`'s "sidecar" reading).
+    (`crossing_tasks`; by_template: one reading per template instead, `template_tasks`), the sidecar's memory
+    carried through the calls (`evaluate_recall`'s "sidecar" reading).
     model: a `CortexModel` with its tokenizer as `model.tokenizer` (as `load_with_cortex` gives it)."""
     from cortexlab.train import EVAL_SEED, evaluate_recall
 
     check_int("examples", examples)
+    check_bool("by_template", by_template)
     seed = EVAL_SEED + 7 if seed is None else seed
     readings = {}
-    tasks = crossing_tasks(model.tokenizer, call_tokens=call_tokens, key_digits=key_digits, distractors=distractors,
-                           crossings=crossings)
+    tasks = (template_tasks if by_template else crossing_tasks)(
+        model.tokenizer, call_tokens=call_tokens, key_digits=key_digits, distractors=distractors, crossings=crossings)
     for name, task in tasks.items():
         ev = evaluate_recall(model, task, distances=distances, examples=examples, batch_size=batch_size, seed=seed,
                              variants=("sidecar",))
@@ -101,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="the probability that a filler span carries other numbers stated like facts")
     p.add_argument("--crossings", type=_crossings, default=CROSSINGS,
                    help="comma-separated filler/phrasing splits to read (default: all four)")
+    p.add_argument("--by-template", action="store_true",
+                   help="one reading per fact and per question template of each crossing's phrasing split")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     git_revision(refresh=True)   # the code as the run starts
@@ -110,13 +134,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_with_cortex(adapter=args.adapter)
     config = json.loads((Path(args.adapter) / "card.json").read_text())["config"]
     shape = {"call_tokens": config["call_tokens"], "key_digits": config["key_digits"]}
-    data = crossing_tasks(model.tokenizer, **shape, distractors=args.distractors, crossings=args.crossings)
+    data = (template_tasks if args.by_template else crossing_tasks)(
+        model.tokenizer, **shape, distractors=args.distractors, crossings=args.crossings)
     readings = recall_shift(model, **shape, distances=args.distances, examples=args.examples, seed=args.seed,
-                            distractors=args.distractors, crossings=args.crossings)
+                            distractors=args.distractors, crossings=args.crossings, by_template=args.by_template)
     command = "python -m cortexlab.eval.recall_shift " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"experiment": "E2's held-out gap: filler and phrasing splits crossed (teacher-forced exact match)",
               "adapter": args.adapter, **shape, "distances": list(args.distances), "examples": args.examples,
-              "seed": args.seed, "distractors": args.distractors, "readings": readings,
+              "seed": args.seed, "distractors": args.distractors, "by_template": args.by_template, "readings": readings,
               "data": {name: task.describe() for name, task in data.items()},
               "seconds": round(time.time() - t0, 1), "command": command, "git": git_revision(),
               "environment": environment()}
