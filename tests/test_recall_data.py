@@ -130,6 +130,23 @@ def test_composed_templates_are_many_well_formed_training_phrasings(tokenizer):
         RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="composed", call_tokens=24)
 
 
+def test_direct_templates_add_facts_with_the_key_right_after_the_noun(tokenizer):
+    from cortexlab.data.recall import DIRECT_FACT_TEMPLATES
+
+    assert all(t.count("pass key {key}") == 1 for t in DIRECT_FACT_TEMPLATES)
+    assert not any("pass key {key}" in t for t in FACT_TEMPLATES["train"])   # what the listed facts lack
+    assert not set(DIRECT_FACT_TEMPLATES) & set(FACT_TEMPLATES["heldout"])
+    task = RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="listed+direct")
+    assert task.fact_templates == FACT_TEMPLATES["train"] + DIRECT_FACT_TEMPLATES
+    assert task.question_templates == QUESTION_TEMPLATES["train"]
+    batch = task.batch(2, 64, seed=0)
+    drawn = {t for b, key in enumerate(batch.keys) for t in DIRECT_FACT_TEMPLATES
+             if t.format(key=key) in tokenizer.decode(batch.input_ids[b, 0])}
+    assert drawn == set(DIRECT_FACT_TEMPLATES)
+    with pytest.raises(ValueError, match="templates"):
+        RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="listed+direct")
+
+
 def test_package_filler_widens_training_text_without_heldout_overlap(tokenizer, tasks):
     root = stdlib_root()
     packages = stdlib_package_modules()

@@ -34,7 +34,9 @@ left out) to the training filler, about twice the tokens, without any docstring 
 `templates="composed"` draws the fact and question from every combination of the parts in
 `COMPOSED_FACT_PARTS` and `COMPOSED_QUESTION_PARTS` (448 facts, 66 questions, none a held-out template)
 instead of the 8 and 6 listed ones; they include all 6 listed questions and 5 of the 8 listed facts (not
-"Remember this: ...", "Note that ..." and "Please keep in mind that ...").
+"Remember this: ...", "Note that ..." and "Please keep in mind that ..."). `templates="listed+direct"` adds
+`DIRECT_FACT_TEMPLATES` to the 8 listed facts: every listed one puts "is" or ":" between "pass key" and the key,
+these put the key right after the noun ("Store the pass key 40213 somewhere safe."), as one held-out fact does.
 
 `distractors=p` puts other numbers stated like facts into the filler: each filler span (around the fact,
 a whole filler call, before the question) is, with probability p, overwritten in one place per
@@ -62,15 +64,15 @@ from cortexlab.checks import check_bool, check_int, check_number
 from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
-    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DISTRACTOR_KINDS", "DISTRACTOR_TEMPLATES",
-    "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACT_TEMPLATES", "DISTRACTOR_KINDS",
+    "DISTRACTOR_TEMPLATES", "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
     "SPLITS", "TEMPLATES",
     "RecallBatch", "RecallTask", "composed_templates", "distractor_templates", "filler_files", "filler_token_pool",
     "filler_windows",
 ]
 
 FILLERS = ("stdlib", "stdlib+packages", "repeat")
-TEMPLATES = ("listed", "composed")
+TEMPLATES = ("listed", "composed", "listed+direct")
 SHINGLE_WORDS = 10           # a package docstring sharing a run of this many words with held-out filler is dropped
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 MIN_DOCSTRING_CHARS = 80     # shorter docstrings are mostly one-liners ("Return x.")
@@ -94,6 +96,12 @@ FACT_TEMPLATES = {
         "Keep this pass key in memory: {key}.",
     ),
 }
+DIRECT_FACT_TEMPLATES = (   # the key right after "pass key" (templates="listed+direct"; training only)
+    "Store the pass key {key} somewhere safe.",
+    "Write down the pass key {key} now.",
+    "Use the pass key {key} when you are asked.",
+    "Take note of the pass key {key}.",
+)
 QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
     "train": (
         "What is the pass key? The pass key is",
@@ -332,7 +340,8 @@ class RecallTask:
     pass-key filler, the same for both splits); max_filler_chars: how much docstring text to tokenize;
     phrasing: the split whose fact and question templates are used (None: `split`), so that crossing filler
     and phrasing splits can tell which of the two a model's held-out gap comes from; templates: "listed"
-    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`) or "composed" (`composed_templates()`; train phrasing only);
+    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`), "composed" (`composed_templates()`) or "listed+direct" (the listed
+    ones and `DIRECT_FACT_TEMPLATES`), the last two train phrasing only;
     distractors: the probability that a filler span carries other numbers stated like facts (the split's
     `DISTRACTOR_TEMPLATES`; see the module docstring); distractor_kind: "all" of them or the "plain" ones (without
     the `FACT_FRAMED_DISTRACTORS`).
@@ -353,8 +362,8 @@ class RecallTask:
                              f"got {split!r}")
         if templates not in TEMPLATES:
             raise ValueError(f"templates must be one of {TEMPLATES}, got {templates!r}")
-        if templates == "composed" and phrasing != "train":
-            raise ValueError(f"templates='composed' are training phrasings; phrasing (which defaults to split) "
+        if templates != "listed" and phrasing != "train":
+            raise ValueError(f"templates={templates!r} are training phrasings; phrasing (which defaults to split) "
                              f"must be 'train', got {phrasing!r}")
         check_int("call_tokens", call_tokens, 16)
         check_int("key_digits", key_digits)
@@ -373,8 +382,9 @@ class RecallTask:
             unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
             self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
         self.answer_tokens = len(self.answer_prefix) + key_digits
-        self._use_templates(*(composed_templates() if templates == "composed"
-                              else (FACT_TEMPLATES[phrasing], QUESTION_TEMPLATES[phrasing])))
+        facts = FACT_TEMPLATES[phrasing] + (DIRECT_FACT_TEMPLATES if templates == "listed+direct" else ())
+        self._use_templates(*(composed_templates() if templates == "composed" else
+                              (facts, QUESTION_TEMPLATES[phrasing])))
         if len(self.pool) < 4 * call_tokens:
             raise ValueError(f"only {len(self.pool)} filler tokens for split {split!r}; raise max_filler_chars")
 

@@ -116,7 +116,8 @@ class RecallTrainConfig:
     hard_filler: float = 0.0             # main stage: this fraction of filler calls comes from the pool's most
     hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every main
                                          #   steps (the first hard_every main steps draw uniformly)
-    templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66)
+    templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66;
+                                         #   "listed+direct": with DIRECT_FACT_TEMPLATES)
     distractors: float = 0.0             # after distractors_from * steps steps, this share of the filler calls
     distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans, before cropping)
                                          #   carries other numbers stated like facts (`RecallTask(distractors=)`);
@@ -949,7 +950,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="all distractors, or the plain ones: code and prose numbers, without those framed like a "
                         "fact ('Remember this: the door code is 4071.')")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
-                   help="fact and question templates of both stages (composed: every combination of their parts)")
+                   help="fact and question templates of both stages (composed: every combination of their parts; "
+                        "listed+direct: the listed ones and facts with the key right after 'pass key')")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--call-tokens", type=int, default=d.call_tokens)
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
