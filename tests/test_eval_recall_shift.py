@@ -72,7 +72,8 @@ def test_by_template_reads_each_template_of_the_phrasing_split_on_its_own():
         else:
             assert task.question_templates == (one,) and task.fact_templates == FACT_TEMPLATES["train"]
         episode = tokenizer.decode(task.batch(2, 2, seed=0).input_ids[0].flatten())
-        assert one.split("{key}")[0].strip() in episode and task.describe()["templates"] == "given"
+        assert one.split("{key}")[0].strip() in episode
+        assert task.describe()["templates"] == task.describe()["phrasing"] == "given"
     model = randomise_(tiny_cortex(tokenizer, controller=True))
     model.tokenizer = tokenizer
     readings = recall_shift(model, call_tokens=48, distances=(1,), examples=4, batch_size=4, seed=3,
@@ -91,10 +92,14 @@ def test_with_templates_checks_its_templates():
     short = task.with_templates(questions=("Key?",))
     assert short.max_tail_tokens < task.max_tail_tokens and short.fact_templates == task.fact_templates
     assert task.templates == "listed"   # the original is untouched
-    for bad in ("The pass key is {key}.", [], ["no key here"], ["{key} and {key}"], [3]):
+    before = (task.fact_templates, task.question_templates, task.max_fact_tokens, task.max_tail_tokens)
+    for bad in ("The pass key is {key}.", [], ["no key here"], ["{key} and {key}"], ["{key} {x}"], ["{key"], [3],
+                (t for t in ["The pass key is {key}."]), {"The pass key is {key}."}):
         with pytest.raises(ValueError, match="facts"):
             task.with_templates(facts=bad)
-    with pytest.raises(ValueError, match="questions"):
-        task.with_templates(questions=[""])
+    for bad in ([""], ["What is the {key}?"]):
+        with pytest.raises(ValueError, match="questions"):
+            task.with_templates(questions=bad)
     with pytest.raises(ValueError, match="call_tokens"):
         task.with_templates(facts=["The pass key is {key}. " + "Remember it well. " * 20])
+    assert (task.fact_templates, task.question_templates, task.max_fact_tokens, task.max_tail_tokens) == before

@@ -245,6 +245,7 @@ def test_distractors_put_other_numbers_stated_like_facts_into_the_filler(tokeniz
     ids = plain.batch(4, 4, seed=2).input_ids   # p = 0: the episodes the code before distractors drew (checksums)
     assert int((ids * torch.arange(ids.numel()).view_as(ids)).sum()) == 7690564956
     assert int(plain.filler_calls(3, seed=0).sum()) == 1603002
+    assert int(always.filler_calls(3, seed=0).sum()) == 1365643   # p = 1, all kinds: as drawn before kinds existed
     train, heldout = (distractor_pattern(s) for s in ("train", "heldout"))
     for call in always.filler_calls(8, seed=0):
         text = tokenizer.decode(call)
@@ -270,8 +271,12 @@ def test_plain_distractors_leave_out_the_ones_framed_like_facts(tokenizer):
     from conftest import distractor_pattern
     from cortexlab.data.recall import FACT_FRAMED_DISTRACTORS, distractor_templates
 
-    assert set(distractor_templates("train")) - set(distractor_templates("train", "plain")) == \
-        {t for t in FACT_FRAMED_DISTRACTORS if t in distractor_templates("train")}
+    assert distractor_templates("train", "plain") == (
+        "If no timeout is given then {n} is used.", "Error code {n} means that the file was not found.",
+        "The default buffer size is {n} bytes.", ">>> x = {n}", ">>> len(data) {n}", "Version {n} added this function.")
+    assert distractor_templates("heldout", "plain") == (
+        "The server listens on port {n} by default.", ">>> int('{n}') {n}", "Bug {n} was fixed in this release.")
+    assert FACT_FRAMED_DISTRACTORS <= set(distractor_templates("train")) | set(distractor_templates("heldout"))
     framed = re.compile("|".join(re.escape(t).replace(re.escape("{n}"), r"\d+") for t in FACT_FRAMED_DISTRACTORS))
     plain = RecallTask(tokenizer, "train", call_tokens=128, max_filler_chars=CHARS, distractors=1.0,
                        distractor_kind="plain")

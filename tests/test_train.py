@@ -408,7 +408,7 @@ def test_distractors_start_at_their_step_in_the_batches_and_the_pool(tokenizer, 
         RecallTrainConfig(distractors_from=0.5)   # without distractors it would do nothing
 
 
-def test_plain_distractors_reach_the_batches_and_the_pool(tokenizer, monkeypatch):
+def test_plain_distractors_reach_the_pool_and_the_results(tokenizer, monkeypatch):
     from conftest import distractor_pattern
     from cortexlab.train import recall
 

@@ -54,6 +54,7 @@ import ast
 import copy
 import itertools
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,14 @@ def _sentence(*parts: str) -> str:
             part = part[0].upper() + part[1:]
         out.append(part)
     return " ".join(out)
+
+
+def _format_fields(template: str) -> list[str | None]:
+    """The names of a template's {fields} ("{}" gives "")."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:   # an unmatched brace
+        return [None]
 
 
 def distractor_templates(split: str, distractor_kind: str = "all") -> tuple[str, ...]:
@@ -402,15 +411,19 @@ class RecallTask:
     def with_templates(self, facts=None, questions=None) -> RecallTask:
         """The same task (tokenizer, filler, distractors) with these fact templates (each with one "{key}") and
         question templates (None: the task's), e.g. one template at a time (`recall_shift --by-template`)."""
-        for name, given, need in (("facts", facts, "{key}"), ("questions", questions, None)):
-            if given is not None and (isinstance(given, str) or not given or not all(
-                    isinstance(t, str) and t.strip() and (need is None or t.count(need) == 1) for t in given)):
-                raise ValueError(f"{name} must be a non-empty list of templates"
-                                 f"{' each with one ' + repr(need) if need else ''}, got {given!r}")
+        checked = {}
+        for name, given, fields in (("facts", facts, ["key"]), ("questions", questions, [])):
+            if given is None:
+                continue
+            if not isinstance(given, (list, tuple)) or not given or not all(
+                    isinstance(t, str) and t.strip() and _format_fields(t) == fields for t in given):
+                raise ValueError(f"{name} must be a non-empty list or tuple of templates, each with "
+                                 f"{'one {key} and no other field' if fields else 'no {field}'}, got {given!r}")
+            checked[name] = tuple(given)
         task = copy.copy(self)
-        task._use_templates(self.fact_templates if facts is None else tuple(facts),
-                            self.question_templates if questions is None else tuple(questions))
-        task.templates = "given"   # describe() lists them
+        task._use_templates(checked.get("facts", self.fact_templates),
+                            checked.get("questions", self.question_templates))
+        task.templates = task.phrasing = "given"   # describe() lists them
         return task
 
     def _encode(self, text: str) -> list[int]:

@@ -159,6 +159,8 @@ class RecallTrainConfig:
         check_number("distractors_from", self.distractors_from, 0, 1)
         if self.distractors_from and not self.distractors:
             raise ValueError(f"distractors_from={self.distractors_from} needs distractors > 0")
+        if self.distractor_kind not in DISTRACTOR_KINDS:
+            raise ValueError(f"distractor_kind must be one of {DISTRACTOR_KINDS}, got {self.distractor_kind!r}")
         if self.distractor_kind != "all" and not self.distractors:
             raise ValueError(f"distractor_kind={self.distractor_kind!r} needs distractors > 0")
         if self.distractors and self.hard_filler:
@@ -170,8 +172,7 @@ class RecallTrainConfig:
             raise ValueError(f"hard_filler ranks the pool with one sidecar layer's inputs; layers={self.layers}")
         check_bool("score_prefix", self.score_prefix)
         check_int("easy_call_tokens", self.easy_call_tokens, 16)
-        for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES),
-                              ("distractor_kind", DISTRACTOR_KINDS)):
+        for name, choices in (("filler", FILLERS), ("easy_filler", FILLERS), ("templates", TEMPLATES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         check_number("lr", self.lr, 0, low_open=True)
