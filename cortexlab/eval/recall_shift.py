@@ -35,7 +35,7 @@ import torch
 from cortexlab.checks import check_bool, check_int
 from cortexlab.data.recall import SPLITS, RecallTask
 
-__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "recall_shift", "template_tasks"]
+__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "read_tasks", "recall_shift", "template_tasks"]
 
 CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS)
 
@@ -82,17 +82,23 @@ def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 
                  batch_size: int = 16, seed: int | None = None, distractors: float = 0.0,
                  crossings=CROSSINGS, by_template: bool = False) -> dict:
     """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for each crossing of the splits
-    (`crossing_tasks`; by_template: one reading per template instead, `template_tasks`), the sidecar's memory
-    carried through the calls (`evaluate_recall`'s "sidecar" reading).
+    (`crossing_tasks`; by_template: one reading per template instead, `template_tasks`), read by `read_tasks`.
     model: a `CortexModel` with its tokenizer as `model.tokenizer` (as `load_with_cortex` gives it)."""
+    check_bool("by_template", by_template)
+    tasks = (template_tasks if by_template else crossing_tasks)(
+        model.tokenizer, call_tokens=call_tokens, key_digits=key_digits, distractors=distractors, crossings=crossings)
+    return read_tasks(model, tasks, distances=distances, examples=examples, batch_size=batch_size, seed=seed)
+
+
+def read_tasks(model, tasks: dict, *, distances=(1, 8, 16), examples: int = 64, batch_size: int = 16,
+               seed: int | None = None) -> dict:
+    """{name: {str(d): {"exact_match", "digit_accuracy"}}}: `evaluate_recall`'s "sidecar" reading of each task,
+    the memory carried through the calls, on the same episode seed (default EVAL_SEED + 7)."""
     from cortexlab.train import EVAL_SEED, evaluate_recall
 
     check_int("examples", examples)
-    check_bool("by_template", by_template)
     seed = EVAL_SEED + 7 if seed is None else seed
     readings = {}
-    tasks = (template_tasks if by_template else crossing_tasks)(
-        model.tokenizer, call_tokens=call_tokens, key_digits=key_digits, distractors=distractors, crossings=crossings)
     for name, task in tasks.items():
         ev = evaluate_recall(model, task, distances=distances, examples=examples, batch_size=batch_size, seed=seed,
                              variants=("sidecar",))
@@ -136,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     shape = {"call_tokens": config["call_tokens"], "key_digits": config["key_digits"]}
     data = (template_tasks if args.by_template else crossing_tasks)(
         model.tokenizer, **shape, distractors=args.distractors, crossings=args.crossings)
-    readings = recall_shift(model, **shape, distances=args.distances, examples=args.examples, seed=args.seed,
-                            distractors=args.distractors, crossings=args.crossings, by_template=args.by_template)
+    readings = read_tasks(model, data, distances=args.distances, examples=args.examples, seed=args.seed)
     command = "python -m cortexlab.eval.recall_shift " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"experiment": "E2's held-out gap: filler and phrasing splits crossed (teacher-forced exact match)",
               "adapter": args.adapter, **shape, "distances": list(args.distances), "examples": args.examples,
