@@ -55,6 +55,15 @@ def test_experiment_changes_the_figure_numbers_and_command(results):
     assert "partial grid" in app.summary.object and "| L=64, 16 pairs | L=128, 16 pairs |" in app.summary.object
     assert "| gdn | d=64 H=2 | 0.990 | 0.990 | 0.990 |" in app.summary.object
     assert not app.extra_pane.visible and not app.run_button.disabled
+    capacity = mqar_results()                                        # a capacity sweep beside the grid is merged
+    capacity["runs"] = [{**r, "config": {**r["config"], "task": {"seq_len": 256, "num_pairs": 4}}, "accuracy": 0.5}
+                        for r in capacity["runs"][:1]]
+    capacity["command"] = "python -m cortexlab.train mqar --pairs 4"
+    (results / "mqar_capacity.json").write_text(json.dumps(capacity))
+    app.experiment = E2
+    app.experiment = E1
+    assert "| L=256, 4 pairs |" in app.summary.object and "| gdn | d=64 H=2 | 0.990 | 0.990 | 0.990 | 0.500 |" \
+        in app.summary.object and "--pairs 4`" in app.summary.object
 
 
 def test_missing_or_unreadable_results_show_a_message(results, tmp_path):

@@ -26,6 +26,21 @@ def test_mqar_figure_has_both_sweeps_per_mixer():
         ex.mqar_figure({"grid": {"fixed_pairs": 1, "fixed_len": 1}, "runs": []})
 
 
+def test_mqar_merge_joins_runs_once_and_checks_the_axes():
+    a, b = mqar_results(), mqar_results()
+    a["command"], b["command"], a["complete"], b["complete"] = "length", "capacity", True, False
+    extra = {**b["runs"][0], "config": {**b["runs"][0]["config"], "task": {"seq_len": 256, "num_pairs": 32}}}
+    b["runs"] = b["runs"][:3] + [extra]                              # three shared runs and one new
+    merged = ex.mqar_merge(a, b)
+    assert len(merged["runs"]) == len(a["runs"]) + 1 and merged["runs"][-1] is extra
+    assert merged["commands"] == ["length", "capacity"] and merged["complete"] is False
+    assert merged["command"] == "length" and len(a["runs"]) == 10   # the inputs are left as they were
+    gdn = [t for t in ex.mqar_figure(merged).data if t.name.startswith("gdn")]
+    assert list(gdn[1].x) == [4, 16, 32, 64]
+    with pytest.raises(ValueError, match="different axes"):
+        ex.mqar_merge(a, {**b, "grid": {"fixed_pairs": 8, "fixed_len": 256}})
+
+
 def test_recall_figure_draws_sidecar_and_baselines_from_distance_one():
     ev = {v: {d: {"exact_match": x} for d, x in zip(("0", "1", "4"), vals)}
           for v, vals in (("sidecar", (0.8, 0.9, 0.7)), ("reset", (0.8, 0.0, 0.0)), ("base", (0.7, 0.0, 0.0)))}

@@ -31,6 +31,7 @@ E1, E2, E3, E4 = "E1 MQAR", "E2 recall across calls", "E3 loss by position", "E4
 EXPERIMENTS = {E1: "mqar_cpu.json", E2: "recall_across_calls.json", E3: "longtext_loss.json",
                E4: "cortex_v1_v2.json"}
 E1_COMMAND = "python -m cortexlab.train mqar --out results/mqar_cpu.json"
+E1_CAPACITY = ("mqar_capacity.json", "mqar_capacity_d128.json")   # E1's capacity sweeps, drawn with the grid if present
 BASELINES = {
     E1: "Baselines: **chance** (dotted) = 1 / number of values; **untrained accuracy** = the same model before "
         "training. Full attention keeps every pair (its state grows with the length); the sliding window sees only "
@@ -82,9 +83,14 @@ class InverseScalingApp(pn.viewable.Viewer):
         self.run_button.on_click(self._on_run)
         self._update()
 
+    def _folder(self) -> Path:
+        return self._results if self._results is not None else common.results_dir()
+
     def _load(self, name: str) -> dict:
-        folder = self._results if self._results is not None else common.results_dir()
-        return json.loads((folder / name).read_text())
+        return json.loads((self._folder() / name).read_text())
+
+    def _has(self, name: str) -> bool:
+        return (self._folder() / name).is_file()
 
     @param.depends("experiment", watch=True)
     def _update(self) -> None:
@@ -94,8 +100,11 @@ class InverseScalingApp(pn.viewable.Viewer):
         self.live_pane.visible = self.experiment == E1 and self.live_pane.object is not None
         try:
             results = self._load(name)
+            if self.experiment == E1:
+                results = viz.mqar_merge(results, *(self._load(n) for n in E1_CAPACITY if self._has(n)))
             figures = self._figures(results)
-            summary = f"{self._numbers(results)}\n\n{BASELINES[self.experiment]}\n\nCommand: `{results['command']}`"
+            commands = "; ".join(f"`{c}`" for c in results.get("commands", [results["command"]]))
+            summary = f"{self._numbers(results)}\n\n{BASELINES[self.experiment]}\n\nCommand: {commands}"
         except FileNotFoundError:
             command = f" Run `{E1_COMMAND}` to produce it (hours on a CPU)." if self.experiment == E1 else ""
             live = " Meanwhile, **Run live tiny E1** trains a small version here." if self.experiment == E1 else ""

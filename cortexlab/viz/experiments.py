@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["MIXER_COLORS", "mqar_figure", "mqar_live_figure", "mqar_rows", "position_loss_figure", "recall_figure",
-           "throughput_figure", "version_retention_figure"]
+__all__ = ["MIXER_COLORS", "mqar_figure", "mqar_live_figure", "mqar_merge", "mqar_rows", "position_loss_figure",
+           "recall_figure", "throughput_figure", "version_retention_figure"]
 
 MIXER_COLORS = {"attention": "#1f77b4", "sliding_window": "#ff7f0e", "gdn": "#2ca02c", "hybrid": "#9467bd"}
 VARIANT_STYLE = {"base_segments": ("base, segments", "#7f7f7f", "solid"),
@@ -28,6 +28,27 @@ def mqar_rows(runs: Sequence[Mapping]) -> list[dict]:
              "state_size": r["state_size"], "accuracy": r["accuracy"], "chance": r["chance"],
              "untrained": r["untrained_accuracy"], "steps": r["steps"], "stopped": r["stopped"]}
             for r in runs]
+
+
+def mqar_merge(results: Mapping, *more: Mapping) -> dict:
+    """One E1 results dict from files of the same sweep axes (e.g. `mqar_cpu.json` and `mqar_capacity.json`):
+    `results`' header, the runs of all of them (a run in several, by its config, once: the first file's), complete
+    only if each is; "commands" lists every file's command."""
+    import json
+
+    fixed = {k: results["grid"][k] for k in ("fixed_pairs", "fixed_len")}
+    runs, seen = [], set()
+    for part in (results, *more):
+        other = {k: part["grid"][k] for k in fixed}
+        if other != fixed:
+            raise ValueError(f"the files sweep different axes: {fixed} and {other}")
+        for run in part["runs"]:
+            key = json.dumps(run["config"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    return {**results, "runs": runs, "complete": all(part.get("complete") for part in (results, *more)),
+            "commands": [part["command"] for part in (results, *more)]}
 
 
 def mqar_figure(results: Mapping, *, height: int = 430) -> go.Figure:
