@@ -5,6 +5,7 @@ for display; every baseline the experiment measured is drawn beside the result.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
@@ -34,8 +35,6 @@ def mqar_merge(results: Mapping, *more: Mapping) -> dict:
     """One E1 results dict from files of the same sweep axes (e.g. `mqar_cpu.json` and `mqar_capacity.json`):
     `results`' header, the runs of all of them (a run in several, by its config, once: the first file's), complete
     only if each is; "commands" lists every file's command."""
-    import json
-
     fixed = {k: results["grid"][k] for k in ("fixed_pairs", "fixed_len")}
     runs, seen = [], set()
     for part in (results, *more):
