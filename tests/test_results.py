@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cortexlab.models import token_texts
-from cortexlab.results import load_result, results_dir
+from cortexlab.results import RECALL_ADAPTER, RECALL_RESULT, load_result, results_dir
 
 
 def test_results_dir_is_the_checkout_folder_or_the_override(tmp_path, monkeypatch):
@@ -17,6 +17,13 @@ def test_results_dir_is_the_checkout_folder_or_the_override(tmp_path, monkeypatc
     monkeypatch.setenv("CORTEXLAB_RESULTS", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="CORTEXLAB_RESULTS"):
         results_dir()
+
+
+def test_the_committed_recall_sidecar_is_the_one_its_results_file_describes():
+    card = json.loads((results_dir() / RECALL_ADAPTER / "card.json").read_text())
+    result = load_result(RECALL_RESULT)
+    assert card["command"] == result["command"] and card["eval"] == result["eval"]
+    assert (results_dir() / RECALL_ADAPTER / "cortex.safetensors").stat().st_size == result["adapter"]["bytes"]
 
 
 @pytest.mark.parametrize("name", ["../secrets.json", "results", "sub/run.json", 3])

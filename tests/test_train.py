@@ -214,10 +214,10 @@ def test_free_generation_writes_what_the_teacher_forced_argmax_reads():
     as the teacher-forced argmax gets all of them right on the same episodes (the memory carried between calls,
     and fed token by token while generating, gives the same outputs as the whole question call at once)."""
     from cortexlab.cortex import load_with_cortex
-    from cortexlab.results import results_dir
+    from cortexlab.results import RECALL_ADAPTER, results_dir
     from cortexlab.train.recall import _generation_episodes
 
-    model = load_with_cortex(adapter=results_dir() / "adapters" / "recall_128")
+    model = load_with_cortex(adapter=results_dir() / RECALL_ADAPTER)
     heldout = RecallTask(model.tokenizer, "heldout", call_tokens=128, max_filler_chars=CHARS)
     generated = evaluate_generation(model, heldout, distances=(1,), examples=8, batch_size=8, seed=11)
     batch = heldout.batch(2, 8, seed=11)
@@ -406,6 +406,30 @@ def test_distractors_start_at_their_step_in_the_batches_and_the_pool(tokenizer, 
         RecallTrainConfig(distractors=0.2, hard_filler=0.3)
     with pytest.raises(ValueError, match="distractors_from"):
         RecallTrainConfig(distractors_from=0.5)   # without distractors it would do nothing
+
+
+def test_direct_facts_join_at_their_step(tokenizer, monkeypatch):
+    from cortexlab.data.recall import DIRECT_FACT_TEMPLATES
+    from cortexlab.train import recall
+
+    facts = []
+    real_score = recall.score_answer
+    monkeypatch.setattr(recall, "score_answer", lambda model, batch, *a, **kw: facts.append(
+        [tokenizer.decode(call) for call in batch.input_ids[:, 0]]) or real_score(model, batch, *a, **kw))
+    cfg = RecallTrainConfig(steps=6, batch_size=8, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:2-2", filler_pool=0, easy_fraction=1 / 6, easy_call_tokens=24,
+                            templates="listed+direct", direct_from=0.5)
+    result = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                          evaluate=False)
+    starts = [t.split("{key}")[0].strip() for t in DIRECT_FACT_TEMPLATES]
+    direct = [sum(any(s in text for s in starts) for text in step) for step in facts]
+    assert direct[:3] == [0, 0, 0] and all(direct[3:])   # easy, listed facts, then the direct ones join at step 3
+    assert result["data"]["direct_from_step"] == 3
+    assert set(DIRECT_FACT_TEMPLATES) <= set(result["data"]["train"]["fact_templates"])
+    with pytest.raises(ValueError, match="direct_from"):
+        RecallTrainConfig(direct_from=0.5)   # the listed templates have no direct facts to add
+    with pytest.raises(ValueError, match="direct_from"):
+        RecallTrainConfig(templates="listed+direct", direct_from=1.5)
 
 
 def test_plain_distractors_reach_the_pool_and_the_results(tokenizer, monkeypatch):

@@ -21,7 +21,7 @@ import uuid
 
 import panel as pn
 
-from cortexlab.results import results_dir
+from cortexlab.results import RECALL_ADAPTER, results_dir
 
 __all__ = [
     "MAX_TEXT_CHARS", "MAX_TOKENS", "RECALL_ADAPTER", "base_model", "browser_session_id", "check_text", "check_tokens",
@@ -31,7 +31,6 @@ __all__ = [
 
 MAX_TEXT_CHARS = 2000          # about 500 SmolLM2 tokens of English prose
 MAX_TOKENS = 512               # what any view reads at once: keeps every view interactive on a 2-core CPU
-RECALL_ADAPTER = "adapters/recall_128"
 MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|~")
 _LOCK = threading.Lock()
 

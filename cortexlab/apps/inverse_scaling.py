@@ -15,6 +15,7 @@ from pathlib import Path
 import panel as pn
 import param
 
+from cortexlab.results import RECALL_RESULT
 from cortexlab.viz import experiments as viz
 
 from . import APPS, common
@@ -28,7 +29,7 @@ INTRO = ("Does the memory make the model better as the context grows? The claim 
          "E1 also has a tiny live version you can train here in a minute or so.")
 
 E1, E2, E3, E4 = "E1 MQAR", "E2 recall across calls", "E3 loss by position", "E4 v1 vs v2"
-EXPERIMENTS = {E1: "mqar_cpu.json", E2: "recall_across_calls.json", E3: "longtext_loss.json",
+EXPERIMENTS = {E1: "mqar_cpu.json", E2: RECALL_RESULT, E3: "longtext_loss.json",
                E4: "cortex_v1_v2.json"}
 E1_COMMAND = "python -m cortexlab.train mqar --out results/mqar_cpu.json"
 E1_CAPACITY = ("mqar_capacity.json", "mqar_capacity_d128.json")   # E1's capacity sweeps, drawn with the grid if present

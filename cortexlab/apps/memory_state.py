@@ -1,6 +1,6 @@
 """Memory state: what a trained Cortex sidecar writes while it reads your text, and what it recalls later.
 
-SmolLM2-135M-Instruct with the committed recall sidecar (`results/adapters/recall_128`: one
+SmolLM2-135M-Instruct with the committed recall sidecar (`cortexlab.results.RECALL_ADAPTER`: one
 Gated DeltaNet memory of 4 heads x 64 x 64 on decoder layer 12, with its metacognitive
 controller) reads each text as one call of a session. The page shows the memory S of a head
 as a heatmap (the player scrubs through the tokens), its norm and effective rank, the gates
@@ -29,7 +29,7 @@ __all__ = ["MemoryStateApp"]
 
 TITLE = APPS["memory_state"][0]
 INTRO = (
-    "A frozen **SmolLM2-135M-Instruct** with the committed Cortex sidecar (`results/adapters/recall_128`, a "
+    f"A frozen **SmolLM2-135M-Instruct** with the committed Cortex sidecar (`results/{common.RECALL_ADAPTER}`, a "
     "Gated DeltaNet memory on layer 12, trained to carry a pass key across calls). **Read** a text into the "
     "session: each read is one call, and the model's own context restarts at every call, so only the memory "
     "S carries anything from one call to the next. **Ask** a question in a later call and compare the answer "

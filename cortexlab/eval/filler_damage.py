@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.train.common import environment, git_revision, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.filler_damage", description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", default="results/adapters/recall_128", help="the trained E2 sidecar")
+    p.add_argument("--adapter", default="results/adapters/recall_128",
+                   help="the E2 sidecar to read (default: the first committed one, which the committed readings used)")
     p.add_argument("--out", default="results/filler_damage.json")
     p.add_argument("--top", type=int, default=8, help="check this many top calls (and as many random ones)")
     p.add_argument("--episodes", type=int, default=4, help="episodes the ranking reads (twice as many check it)")

@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.train.common import environment, git_revision, int_tuple, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.recall_shift", description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", default="results/adapters/recall_128", help="the trained E2 sidecar")
+    p.add_argument("--adapter", default="results/adapters/recall_128",
+                   help="the E2 sidecar to read (default: the first committed one, which the committed readings used)")
     p.add_argument("--out", default="results/recall_shift.json")
     p.add_argument("--distances", type=int_tuple, default=(1, 8, 16))
     p.add_argument("--examples", type=int, default=64)

@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.train.common import environment, git_revision, int_tuple, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.versions", description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", default="results/adapters/recall_128", help="the trained E2 sidecar")
+    p.add_argument("--adapter", default="results/adapters/recall_128",
+                   help="the E2 sidecar to read (default: the first committed one, which the committed readings used)")
     p.add_argument("--recall-results", default="results/recall_across_calls.json", help="E2's results JSON")
     p.add_argument("--out", default="results/cortex_v1_v2.json")
     p.add_argument("--lengths", type=int_tuple, default=(128, 512, 2048))

@@ -64,7 +64,7 @@ from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
-from cortexlab.data.recall import DISTRACTOR_KINDS, FILLERS, TEMPLATES, RecallBatch, RecallTask
+from cortexlab.data.recall import DISTRACTOR_KINDS, FACT_TEMPLATES, FILLERS, TEMPLATES, RecallBatch, RecallTask
 
 from .common import (
     environment,
@@ -118,6 +118,8 @@ class RecallTrainConfig:
                                          #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66;
                                          #   "listed+direct": with DIRECT_FACT_TEMPLATES)
+    direct_from: float = 0.0             # templates="listed+direct": the direct facts join after this fraction of
+                                         #   the steps (before: the listed facts; main stage only, as distractors)
     distractors: float = 0.0             # after distractors_from * steps steps, this share of the filler calls
     distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans, before cropping)
                                          #   carries other numbers stated like facts (`RecallTask(distractors=)`);
@@ -159,6 +161,9 @@ class RecallTrainConfig:
         check_number("distractors_from", self.distractors_from, 0, 1)
         if self.distractors_from and not self.distractors:
             raise ValueError(f"distractors_from={self.distractors_from} needs distractors > 0")
+        check_number("direct_from", self.direct_from, 0, 1)
+        if self.direct_from and self.templates != "listed+direct":
+            raise ValueError(f"direct_from={self.direct_from} needs templates='listed+direct', got {self.templates!r}")
         if self.distractor_kind not in DISTRACTOR_KINDS:
             raise ValueError(f"distractor_kind must be one of {DISTRACTOR_KINDS}, got {self.distractor_kind!r}")
         if self.distractor_kind != "all" and not self.distractors:
@@ -692,9 +697,12 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                        else None)
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     distractor_step = max(round(cfg.distractors_from * cfg.steps), easy_steps) if cfg.distractors else cfg.steps
+    direct_step = max(round(cfg.direct_from * cfg.steps), easy_steps)
+    listed_task = train_task.with_templates(facts=FACT_TEMPLATES["train"]) if cfg.direct_from else train_task
     try:
         easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
-                               filler=cfg.easy_filler, templates=cfg.templates) if easy_steps else None
+                               filler=cfg.easy_filler, templates="listed" if cfg.direct_from else cfg.templates
+                               ) if easy_steps else None
     except ValueError as error:   # its call_tokens is easy_call_tokens: name the config field
         raise ValueError(f"easy_call_tokens={cfg.easy_call_tokens} (templates={cfg.templates!r}): {error}") from None
     heldout = RecallTask(tokenizer, "heldout", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits)
@@ -735,7 +743,10 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         calls = curriculum_calls(stages, step, cfg.steps, random.Random(f"curriculum/{cfg.seed}/{step}"))
         stage = "easy" if step < easy_steps else "main"
         distract = stage == "main" and step >= distractor_step
-        task, pool = (easy_task if stage == "easy" else distracted_task if distract else train_task), pools[stage]
+        pool = pools[stage]
+        task = easy_task if stage == "easy" else train_task if step >= direct_step else listed_task
+        if distract:
+            task = task.with_distractors(cfg.distractors, cfg.distractor_kind)
         pool_size = 0 if pool is None else len(pool["ids"]) if distract else pool["clean"]
         crop = None if cfg.crop_filler is None else crop_plan(task, cfg.crop_filler, step_seed)
         batch = task.batch(calls, cfg.batch_size, seed=step_seed,
@@ -783,6 +794,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                         "eval": EVAL_SEED},
               "data": {"train": train_task.describe(), "heldout": heldout.describe(),   # file lists: disjoint splits
                        "easy": None if easy_task is None else {**easy_task.describe(), "steps": easy_steps},
+                       "direct_from_step": direct_step if cfg.direct_from else None,
                        "distracted": None if distracted_task is None else {
                            **distracted_task.describe(), "from_step": distractor_step, "pool_calls": None
                            if pools["main"] is None else len(pools["main"]["ids"]) - pools["main"]["clean"]}},
@@ -953,6 +965,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts; "
                         "listed+direct: the listed ones and facts with the key right after 'pass key')")
+    p.add_argument("--direct-from", type=float, default=d.direct_from,
+                   help="with --templates listed+direct: the fraction of the steps after which the direct facts join "
+                        "(before: the listed ones; not before the easy stage ends)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--call-tokens", type=int, default=d.call_tokens)
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
@@ -981,7 +996,8 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              score_prefix=args.score_prefix,
                              curriculum=args.curriculum,
                              bptt_calls=args.bptt_calls, filler_pool=args.filler_pool, filler=args.filler,
-                             templates=args.templates, hard_filler=args.hard_filler, hard_every=args.hard_every,
+                             templates=args.templates, direct_from=args.direct_from, hard_filler=args.hard_filler,
+                             hard_every=args.hard_every,
                              distractors=args.distractors, distractors_from=args.distractors_from,
                              distractor_kind=args.distractor_kind,
                              easy_fraction=args.easy_fraction, easy_call_tokens=args.easy_call_tokens,
