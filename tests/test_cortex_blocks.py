@@ -72,13 +72,60 @@ def test_left_padding_is_invisible_to_the_memory():
     assert state["tokens"].tolist() == [30, 23]
 
 
-def test_fresh_block_is_a_ghost_but_still_learns():
-    block = HybridCortexBlock(D_MODEL, CortexWrapConfig(rank_fast=16, num_heads=2))
+@pytest.mark.parametrize("conv_init", ["random", "induction"])
+def test_fresh_block_is_a_ghost_but_still_learns(conv_init):
+    block = HybridCortexBlock(D_MODEL, CortexWrapConfig(rank_fast=16, num_heads=2, conv_init=conv_init))
     y, _ = block(torch.randn(2, 10, D_MODEL))
     assert y.abs().max() == 0
     # zero output, yet a real loss gives the output projection a gradient: training can start
     (y * torch.randn_like(y)).sum().backward()
     assert block.out_proj.weight.grad.abs().max() > 0
+
+
+def test_induction_init_looks_up_what_followed_the_current_token():
+    """q_t . k_s = 1 exactly where token s-1 is token t, at initialisation; the random init has no such lookup."""
+    x = torch.randn(1, 12, D_MODEL, generator=torch.Generator().manual_seed(0))
+    x[0, 9] = x[0, 3]                                   # token 9 repeats token 3, so the lookup from 9 finds 4
+    sims = {}
+    for conv_init in ("random", "induction"):
+        torch.manual_seed(1)
+        gdn = HybridCortexBlock(D_MODEL, CortexWrapConfig(rank_fast=16, num_heads=2, conv_init=conv_init)).gdn
+        q, k, _, _ = gdn.features(x, None, None)
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        sims[conv_init] = torch.einsum("hd,shd->hs", q[0, 9], k[0, :10])   # every key the query at 9 can see
+    assert torch.allclose(sims["induction"][:, 4], torch.ones(2), atol=1e-5)
+    assert (sims["induction"][:, torch.arange(10) != 4] < 0.99).all()
+    assert (sims["random"][:, 4] < 0.9).all()
+
+
+def test_dropping_the_shared_direction_makes_unrelated_keys_unalike():
+    """Inputs that share one large direction (a decoder's massive activations) give alike keys; with that
+    direction projected out of W_q and W_k, unrelated keys are nearly orthogonal and the induction lookup stays."""
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.nn.functional.normalize(torch.randn(D_MODEL, generator=gen), dim=0)
+    x = torch.randn(1, 40, D_MODEL, generator=gen) + 8 * shared          # every token carries the shared part
+    x[0, 30] = x[0, 10]
+    torch.manual_seed(1)
+    gdn = HybridCortexBlock(D_MODEL, CortexWrapConfig(rank_fast=16, num_heads=2, conv_init="induction")).gdn
+    w_v = gdn.qkv_proj.weight[64:].clone()
+
+    def key_cosines():
+        q, k, _, _ = gdn.features(x, None, None)
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        sims = torch.einsum("hd,shd->hs", q[0, 30], k[0, :31]).detach()
+        return sims[:, 11], sims[:, torch.arange(31) != 11].abs().mean()
+
+    matched, unrelated = key_cosines()
+    assert unrelated > 0.5                                     # before: every key looks like every other
+    gdn.drop_shared_directions_(x[0], 1)
+    assert gdn.qkv_proj.weight[:32].mv(shared).abs().max() < 0.05 * gdn.qkv_proj.weight[:32].norm(dim=1).max()
+    assert torch.equal(gdn.qkv_proj.weight[:32], gdn.qkv_proj.weight[32:64])   # W_k = W_q still
+    assert torch.equal(gdn.qkv_proj.weight[64:], w_v)                           # values untouched
+    matched, unrelated = key_cosines()
+    assert torch.allclose(matched, torch.ones(2), atol=1e-5) and unrelated < 0.3
+    for bad, match in (((x[0, :, :5], 1), "x must be"), ((x[0], 0), "rank"), ((x[0], D_MODEL), "rank")):
+        with pytest.raises(ValueError, match=match):
+            gdn.drop_shared_directions_(*bad)
 
 
 def test_forget_gates_start_where_documented():
@@ -95,7 +142,8 @@ def test_forget_gates_start_where_documented():
     ({"rank_fast": 0}, "rank_fast"), ({"num_heads": 2.5}, "num_heads"), ({"window_size": -1}, "window_size"),
     ({"alpha_max": 1.5}, "alpha_max"), ({"forget_gate": "tanh"}, "forget_gate"), ({"layers": []}, "layers"),
     ({"layers": [1, 1]}, "duplicates"), ({"backend": "cuda"}, "backend"),
-    ({"forget_bias": float("nan")}, "forget_bias"),
+    ({"forget_bias": float("nan")}, "forget_bias"), ({"conv_init": "identity"}, "conv_init"),
+    ({"conv_init": "induction", "conv_size": 1}, "conv_size"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

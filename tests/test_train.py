@@ -432,6 +432,25 @@ def test_direct_facts_join_at_their_step(tokenizer, monkeypatch):
         RecallTrainConfig(templates="listed+direct", direct_from=1.5)
 
 
+def test_shared_directions_are_found_in_the_filler_pool_before_training(tokenizer, monkeypatch):
+    from cortexlab.cortex.gdn import GatedDeltaNet
+
+    seen, real_drop = [], GatedDeltaNet.drop_shared_directions_
+    monkeypatch.setattr(GatedDeltaNet, "drop_shared_directions_",
+                        lambda self, x, rank: seen.append((x.clone(), rank)) or real_drop(self, x, rank))
+    cfg = RecallTrainConfig(steps=1, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:2-3", filler_pool=4, easy_fraction=0, conv_init="induction",
+                            shared_directions=2, lr=1e-9)
+    model = tiny_cortex(tokenizer, controller=False, conv_init="induction")
+    result = train_recall(cfg, model=model, tokenizer=tokenizer, progress=False, evaluate=False)
+    (x, rank), = seen
+    assert rank == 2 and x.shape == (4 * cfg.call_tokens, model.base.config.hidden_size)   # the 4 pool calls
+    top = torch.linalg.svd(x, full_matrices=False).Vh[:2]
+    w_qk = model.sidecars["1"].gdn.qkv_proj.weight[:2 * 32]
+    assert (w_qk @ top.T).abs().max() < 1e-4 * w_qk.abs().max()   # one step at lr 1e-9 later: still gone
+    assert result["config"]["shared_directions"] == 2
+
+
 def test_plain_distractors_reach_the_pool_and_the_results(tokenizer, monkeypatch):
     from conftest import distractor_pattern
     from cortexlab.train import recall
@@ -480,6 +499,13 @@ def test_config_and_curriculum_validation():
         RecallTrainConfig(score_prefix=1)
     with pytest.raises(ValueError, match="generation_distances"):
         RecallTrainConfig(generation_distances=(0,))
+    with pytest.raises(ValueError, match="conv_init"):
+        RecallTrainConfig(conv_init="identity")
+    assert RecallTrainConfig(conv_init="induction").cortex_config().conv_init == "induction"
+    with pytest.raises(ValueError, match="shared_directions"):
+        RecallTrainConfig(shared_directions=1, filler_pool=0)
+    with pytest.raises(ValueError, match="shared_directions"):
+        RecallTrainConfig(shared_directions=-1)
     # a run saved before score_prefix existed scored the digits alone: it matches False, not the new default
     from cortexlab.train.recall import _same_config
 

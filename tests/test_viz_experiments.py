@@ -71,3 +71,24 @@ def test_throughput_and_retention_figures():
                                                            "gate_only_curve": [1, 0.88, 0.77, 0.6]}}}
     fig = ex.version_retention_figure(persistence)
     assert len(fig.data) == 4 and list(fig.data[2].x) == [1, 2, 4] and list(fig.data[2].y) == [0.8, 0.6, 0.3]
+
+
+def recall_run(takeoff: int, steps: int = 100, easy: int = 20) -> dict:
+    history = [{"step": s, "exact_match": float(s > takeoff)} for s in range(1, steps + 1)]
+    return {"history": history, "data": {"easy": {"steps": easy}}}
+
+
+def test_takeoff_figure_and_step_read_the_training_curve():
+    from cortexlab.train import takeoff_step
+
+    runs = {"early": recall_run(30), "late": recall_run(80), "never": recall_run(1000)}
+    assert [takeoff_step(r["history"]) for r in runs.values()] == [50, 100, None]
+    assert takeoff_step(runs["early"]["history"], threshold=0.9, window=10) == 40
+    fig = ex.takeoff_figure(runs)
+    assert [t.name for t in fig.data] == ["early", "late", "never"]
+    assert list(fig.data[0].x) == [25, 50, 75, 100] and list(fig.data[0].y) == [0, pytest.approx(0.8), 1, 1]
+    assert [s.x0 for s in fig.layout.shapes] == [20]                 # the easy stage's end
+    with pytest.raises(ValueError, match="runs"):
+        ex.takeoff_figure({})
+    with pytest.raises(ValueError, match="window"):
+        takeoff_step(runs["early"]["history"], window=0)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from cortexlab.checks import check_bool, check_int, check_number
 
 FORGET_GATES = ("log", "sigmoid")
+CONV_INITS = ("random", "induction")
 DEFAULT_FORGET_BIAS = {"log": -7.0, "sigmoid": 2.0}
 
 
@@ -45,6 +46,7 @@ class CortexWrapConfig:
     controller: bool = True
     entropy_layer: int | None = None
     conv_size: int = 4
+    conv_init: str = "random"
     chunk_size: int = 32   # tokens per chunk; on one CPU thread a default block at T=2048 took 194 ms vs 230 with 64
     backend: str = "auto"
     norm_eps: float = 1e-6
@@ -54,6 +56,11 @@ class CortexWrapConfig:
             check_int(name, getattr(self, name))
         if self.forget_gate not in FORGET_GATES:
             raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {self.forget_gate!r}")
+        if self.conv_init not in CONV_INITS:
+            raise ValueError(f"conv_init must be one of {CONV_INITS}, got {self.conv_init!r}")
+        if self.conv_init == "induction" and self.conv_size < 2:
+            raise ValueError(f"conv_init='induction' delays the keys by one token: it needs conv_size >= 2, "
+                             f"got {self.conv_size}")
         check_number("alpha_max", self.alpha_max, 0, 1, low_open=True)
         if self.forget_bias is None:
             self.forget_bias = DEFAULT_FORGET_BIAS[self.forget_gate]

@@ -84,6 +84,38 @@ class GatedDeltaNet(nn.Module):
         nn.init.zeros_(self.gate_proj.weight)        # every token starts at the documented decay
         nn.init.constant_(self.gate_proj.bias, cfg.forget_bias)
         self.controller = MetacognitiveController(H) if cfg.controller else None
+        if cfg.conv_init == "induction":
+            self._induction_init()
+
+    @torch.no_grad()
+    def _induction_init(self):
+        """W_k = W_q; the conv passes q and v through (lag 0) and delays k by one token (lag 1)."""
+        HD, K = self.num_heads * self.head_dim, self.conv.kernel_size
+        self.qkv_proj.weight[HD:2 * HD] = self.qkv_proj.weight[:HD]
+        self.conv.weight.zero_()                     # weight[:, 0, j] weighs x_{t-K+1+j}
+        self.conv.weight[:HD, 0, K - 1] = 1.0        # q_t <- x_t
+        self.conv.weight[HD:2 * HD, 0, K - 2] = 1.0  # k_t <- x_{t-1}
+        self.conv.weight[2 * HD:, 0, K - 1] = 1.0    # v_t <- x_t
+
+    @torch.no_grad()
+    def drop_shared_directions_(self, x: torch.Tensor, rank: int):
+        """Project the top `rank` right-singular directions U [rank, d_model] of sample inputs x [N, d_model]
+        out of the query and key projections:  W_q <- W_q (I - U^T U),  W_k <- W_k (I - U^T U).
+
+        A frozen decoder's hidden states share a few large directions (its massive activations): at
+        layer 12 of SmolLM2 two unrelated tokens' inputs have cosine ~0.8, and so do their keys, so
+        every query matches every key alike. Without those directions a key matches the query it is
+        meant for (see `CortexWrapConfig.conv_init`) and little else. W_v and the gates keep them.
+        """
+        d = self.qkv_proj.in_features
+        if not (isinstance(rank, int) and 1 <= rank < d):
+            raise ValueError(f"rank must be an int in [1, {d}), got {rank!r}")
+        if x.dim() != 2 or x.shape[1] != d or len(x) < rank:
+            raise ValueError(f"x must be [N >= rank, {d}] sample inputs, got shape {tuple(x.shape)}")
+        U = torch.linalg.svd(x.float(), full_matrices=False).Vh[:rank]
+        HD = self.num_heads * self.head_dim
+        W = self.qkv_proj.weight
+        W[:2 * HD] -= (W[:2 * HD].float() @ U.T @ U).to(W.dtype)
 
     def features(self, x, conv_tail, token_mask):
         """q, k, v [B,T,H,D] after the short conv (q, k not yet normalised), and the new tail."""

@@ -22,7 +22,8 @@ _EXPORTS = {
                "answer_metrics", "crop_plan", "draw_filler_calls", "episode_forward", "evaluate_generation",
                "evaluate_recall", "filler_damage", "hard_filler_calls", "load_checkpoint", "memory_only_depth",
                "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint",
-               "score_answer", "scored_prefix", "sidecar_inputs", "train_recall"),
+               "score_answer", "scored_prefix", "sidecar_inputs", "takeoff_step", "train_recall",
+               "training_curve"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -41,6 +42,6 @@ __all__ = [
     "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_lm", "evaluate_longtext",
     "evaluate_recall", "evaluation_mode", "filler_damage", "hard_filler_calls", "load_checkpoint",
     "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
-    "save_checkpoint", "score_answer", "scored_prefix", "sidecar_inputs", "train_lm", "train_lm_ablation",
-    "train_longtext", "train_recall",
+    "save_checkpoint", "score_answer", "scored_prefix", "sidecar_inputs", "takeoff_step", "train_lm",
+    "train_lm_ablation", "train_longtext", "train_recall", "training_curve",
 ]

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from cortexlab.checks import check_bool, check_int, check_number
 from cortexlab.cortex import CortexWrapConfig, attach_cortex
+from cortexlab.cortex.config import CONV_INITS
 from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
 from cortexlab.data.recall import DISTRACTOR_KINDS, FACT_TEMPLATES, FILLERS, TEMPLATES, RecallBatch, RecallTask
@@ -84,7 +85,7 @@ __all__ = [
     "crop_plan", "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_recall", "filler_damage",
     "hard_filler_calls", "load_checkpoint", "memory_only_depth",
     "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "score_answer",
-    "scored_prefix", "sidecar_inputs", "train_recall",
+    "scored_prefix", "sidecar_inputs", "takeoff_step", "train_recall", "training_curve",
 ]
 
 EVAL_SEED = 1_000_003       # held-out episodes use this seed base (training uses the run's seed + step)
@@ -140,6 +141,9 @@ class RecallTrainConfig:
     num_heads: int = 4
     controller: bool = True
     use_hybrid: bool = False
+    conv_init: str = "random"            # "induction": keys from the previous token (CortexWrapConfig.conv_init)
+    shared_directions: int = 0           # project this many directions every input shares out of W_q and W_k at
+                                         #   the start, found in the filler pool (`drop_shared_directions_`)
     # evaluation and bookkeeping
     eval_distances: tuple[int, ...] = DEFAULT_DISTANCES
     eval_examples: int = 64
@@ -192,10 +196,15 @@ class RecallTrainConfig:
         if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in self.generation_distances):
             raise ValueError(f"generation_distances must be ints >= 1, got {self.generation_distances!r}")
         parse_curriculum(self.curriculum)
+        self.cortex_config()   # the sidecar's fields, checked by CortexWrapConfig
+        check_int("shared_directions", self.shared_directions, 0)
+        if self.shared_directions and not (self.filler_pool and len(self.layers) == 1):
+            raise ValueError(f"shared_directions={self.shared_directions} finds them in the filler pool of one "
+                             f"sidecar layer; set filler_pool > 0 and one layer (layers={self.layers})")
 
     def cortex_config(self) -> CortexWrapConfig:
         return CortexWrapConfig(layers=list(self.layers), rank_fast=self.rank_fast, num_heads=self.num_heads,
-                                controller=self.controller, use_hybrid=self.use_hybrid)
+                                controller=self.controller, use_hybrid=self.use_hybrid, conv_init=self.conv_init)
 
 
 def parse_curriculum(spec: str) -> list[tuple[float, int, int]]:
@@ -717,6 +726,10 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
              else None,
              "easy": _filler_pool(model, easy_task, cfg, accelerator.device, show) if easy_steps else None}
     pool_seconds = time.time() - t0
+    if cfg.shared_directions:   # a resumed run loads its trained weights over this below
+        pool = pools["main"] or pools["easy"]
+        _unwrap(model).sidecars[str(single_sidecar_layer(model))].gdn.drop_shared_directions_(
+            pool["x"][:SHARED_DIRECTION_CALLS].flatten(0, 1), cfg.shared_directions)
 
     history, start_step, train_seconds, hard = [], 0, 0.0, None
     if checkpoint_dir is not None and not resume and accelerator.is_main_process:
@@ -815,6 +828,23 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     result["model"] = unwrapped
     result["tokenizer"] = tokenizer
     return result
+
+
+def training_curve(history: list[dict], window: int = 25) -> list[tuple[int, float]]:
+    """(last step, mean exact match) of each run of `window` training steps in a recall run's history."""
+    check_int("window", window)
+    return [(history[s + window - 1]["step"], sum(h["exact_match"] for h in history[s:s + window]) / window)
+            for s in range(0, len(history) - window + 1, window)]
+
+
+def takeoff_step(history: list[dict], *, threshold: float = 0.5, window: int = 25) -> int | None:
+    """When the memory took off: the last step of the first run of `window` training steps whose mean
+    exact match (teacher-forced, on the training batches) reaches `threshold`; None if none does."""
+    check_number("threshold", threshold, 0, 1)
+    return next((step for step, exact in training_curve(history, window) if exact >= threshold), None)
+
+
+SHARED_DIRECTION_CALLS = 64   # pool calls whose sidecar inputs find the shared directions (64 x T tokens)
 
 
 def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool,
@@ -975,6 +1005,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=d.num_heads)
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=d.use_hybrid,
                    help="add the sliding-window attention beside the memory (default off, as in the DESIGN probe)")
+    p.add_argument("--conv-init", choices=CONV_INITS, default=d.conv_init,
+                   help="how the memory's projections and conv start (induction: keys from the previous token, "
+                        "queries from the current one; see CortexWrapConfig)")
+    p.add_argument("--shared-directions", type=int, default=d.shared_directions,
+                   help="project this many directions that every sidecar input shares (found in the filler pool) "
+                        "out of the query and key projections at the start (0: none)")
     p.add_argument("--eval-distances", type=int_tuple, default=d.eval_distances)
     p.add_argument("--eval-examples", type=int, default=d.eval_examples)
     p.add_argument("--generation-distances", type=int_tuple,
@@ -1004,6 +1040,7 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
                              num_heads=args.heads, controller=controller, use_hybrid=args.hybrid,
+                             conv_init=args.conv_init, shared_directions=args.shared_directions,
                              eval_distances=args.eval_distances, eval_examples=args.eval_examples,
                              generation_distances=args.generation_distances,
                              generation_examples=args.generation_examples,

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = ["MIXER_COLORS", "mqar_figure", "mqar_live_figure", "mqar_merge", "mqar_rows", "position_loss_figure",
-           "recall_figure", "throughput_figure", "version_retention_figure"]
+           "recall_figure", "takeoff_figure", "throughput_figure", "version_retention_figure"]
 
 MIXER_COLORS = {"attention": "#1f77b4", "sliding_window": "#ff7f0e", "gdn": "#2ca02c", "hybrid": "#9467bd"}
 VARIANT_STYLE = {"base_segments": ("base, segments", "#7f7f7f", "solid"),
@@ -110,6 +110,26 @@ def recall_figure(evaluation: Mapping, *, call_tokens: int | None = None, height
     fig.update_layout(height=height, template="plotly_white", xaxis_type="log", yaxis_range=[-0.02, 1.02],
                       xaxis_title="distance (calls from the fact to the question)", yaxis_title="exact match",
                       title="E2: recall across calls (held-out episodes)")
+    return fig
+
+
+def takeoff_figure(runs: Mapping[str, Mapping], *, window: int = 25, height: int = 400) -> go.Figure:
+    """E2 training: exact match on the training batches, averaged over `window` steps, vs step, one line per
+    recall results file in `runs` (by label); where the easy stage ends is marked."""
+    from cortexlab.train.recall import training_curve
+
+    if not runs:
+        raise ValueError("runs is empty")
+    fig = go.Figure()
+    for label, run in runs.items():
+        steps, exact = zip(*training_curve(run["history"], window)) if len(run["history"]) >= window else ((), ())
+        fig.add_trace(go.Scatter(x=steps, y=exact, name=label, mode="lines"))
+    easy = {(run["data"].get("easy") or {}).get("steps") for run in runs.values()} - {None}
+    for steps in easy:
+        fig.add_vline(x=steps, line=dict(color="gray", dash="dot", width=1), annotation_text="easy stage ends")
+    fig.update_layout(height=height, template="plotly_white", yaxis_range=[-0.02, 1.02],
+                      xaxis_title="training step", yaxis_title=f"exact match, training batches ({window}-step mean)",
+                      title="E2: when the memory takes off", legend=dict(orientation="h", y=-0.25))
     return fig
 
 
