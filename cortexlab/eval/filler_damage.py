@@ -24,6 +24,7 @@ import torch
 
 from cortexlab.checks import check_int
 from cortexlab.data.recall import SPLITS, RecallTask, filler_windows
+from cortexlab.results import FIRST_RECALL_ADAPTER
 
 __all__ = ["answer_damage", "window_damage"]
 
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.train.common import environment, git_revision, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.filler_damage", description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", default="results/adapters/recall_128",
+    p.add_argument("--adapter", default=f"results/{FIRST_RECALL_ADAPTER}",
                    help="the E2 sidecar to read (default: the first committed one, which the committed readings used)")
     p.add_argument("--out", default="results/filler_damage.json")
     p.add_argument("--top", type=int, default=8, help="check this many top calls (and as many random ones)")

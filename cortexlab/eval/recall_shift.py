@@ -34,6 +34,7 @@ import torch
 
 from cortexlab.checks import check_bool, check_int
 from cortexlab.data.recall import SPLITS, RecallTask
+from cortexlab.results import FIRST_RECALL_ADAPTER
 
 __all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "read_tasks", "recall_shift", "template_tasks"]
 
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.train.common import environment, git_revision, int_tuple, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.recall_shift", description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", default="results/adapters/recall_128",
+    p.add_argument("--adapter", default=f"results/{FIRST_RECALL_ADAPTER}",
                    help="the E2 sidecar to read (default: the first committed one, which the committed readings used)")
     p.add_argument("--out", default="results/recall_shift.json")
     p.add_argument("--distances", type=int_tuple, default=(1, 8, 16))

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from cortexlab.cortex import CortexBlock, CortexWrapConfig, HybridCortexBlock, attach_cortex
+from cortexlab.results import FIRST_RECALL_ADAPTER
 
 from .memory_trace import block_input, lag_to_fraction, retention, trace_block, with_forget_gate
 from .speed import forward_backward_call, time_calls
@@ -148,7 +149,7 @@ def ghost_gap(base, input_ids: torch.Tensor, configs: Mapping[str, CortexWrapCon
     return gaps
 
 
-def run_versions(adapter: str | Path = "results/adapters/recall_128", recall_results: str | Path | None = None, *,
+def run_versions(adapter: str | Path = f"results/{FIRST_RECALL_ADAPTER}", recall_results: str | Path | None = None, *,
                  lengths: Sequence[int] = (128, 512, 2048), horizon: int = 1024, text_tokens: int = 2048,
                  repeats: int = 3) -> dict:
     """Every row of the E4 table (see the module doc); returns the results dict."""
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cortexlab.train.common import environment, git_revision, int_tuple, write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cortexlab.eval.versions", description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", default="results/adapters/recall_128",
+    p.add_argument("--adapter", default=f"results/{FIRST_RECALL_ADAPTER}",
                    help="the E2 sidecar to read (default: the first committed one, which the committed readings used)")
     p.add_argument("--recall-results", default="results/recall_across_calls.json", help="E2's results JSON")
     p.add_argument("--out", default="results/cortex_v1_v2.json")

@@ -90,6 +90,7 @@ __all__ = [
 
 EVAL_SEED = 1_000_003       # held-out episodes use this seed base (training uses the run's seed + step)
 DEFAULT_DISTANCES = (0, 1, 2, 4, 8, 16)
+SHARED_DIRECTION_CALLS = 64   # pool calls whose sidecar inputs find the shared directions (64 x T tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -702,12 +703,17 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     accelerator = accelerator or Accelerator()
     train_task = RecallTask(tokenizer, "train", call_tokens=cfg.call_tokens, key_digits=cfg.key_digits,
                             filler=cfg.filler, templates=cfg.templates)
-    distracted_task = (train_task.with_distractors(cfg.distractors, cfg.distractor_kind) if cfg.distractors
-                       else None)
     easy_steps = round(cfg.easy_fraction * cfg.steps)
     distractor_step = max(round(cfg.distractors_from * cfg.steps), easy_steps) if cfg.distractors else cfg.steps
     direct_step = max(round(cfg.direct_from * cfg.steps), easy_steps)
-    listed_task = train_task.with_templates(facts=FACT_TEMPLATES["train"]) if cfg.direct_from else train_task
+    # the main stage's tasks, by (direct facts joined, distractors started)
+    plain = {False: train_task.with_templates(facts=FACT_TEMPLATES["train"]) if cfg.direct_from else train_task,
+             True: train_task}
+    main_tasks = {(direct, False): task for direct, task in plain.items()}
+    if cfg.distractors:
+        main_tasks.update({(direct, True): task.with_distractors(cfg.distractors, cfg.distractor_kind)
+                           for direct, task in plain.items()})
+    distracted_task = main_tasks.get((True, True))
     try:
         easy_task = RecallTask(tokenizer, "train", call_tokens=cfg.easy_call_tokens, key_digits=cfg.key_digits,
                                filler=cfg.easy_filler, templates="listed" if cfg.direct_from else cfg.templates
@@ -757,9 +763,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         stage = "easy" if step < easy_steps else "main"
         distract = stage == "main" and step >= distractor_step
         pool = pools[stage]
-        task = easy_task if stage == "easy" else train_task if step >= direct_step else listed_task
-        if distract:
-            task = task.with_distractors(cfg.distractors, cfg.distractor_kind)
+        task = easy_task if stage == "easy" else main_tasks[step >= direct_step, distract]
         pool_size = 0 if pool is None else len(pool["ids"]) if distract else pool["clean"]
         crop = None if cfg.crop_filler is None else crop_plan(task, cfg.crop_filler, step_seed)
         batch = task.batch(calls, cfg.batch_size, seed=step_seed,
@@ -842,9 +846,6 @@ def takeoff_step(history: list[dict], *, threshold: float = 0.5, window: int = 2
     exact match (teacher-forced, on the training batches) reaches `threshold`; None if none does."""
     check_number("threshold", threshold, 0, 1)
     return next((step for step, exact in training_curve(history, window) if exact >= threshold), None)
-
-
-SHARED_DIRECTION_CALLS = 64   # pool calls whose sidecar inputs find the shared directions (64 x T tokens)
 
 
 def _filler_pool(model, task: RecallTask, cfg: RecallTrainConfig, device, progress: bool,
