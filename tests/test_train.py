@@ -303,6 +303,30 @@ def test_train_recall_end_to_end_and_resume(tokenizer, tmp_path):
                      tokenizer=tokenizer, checkpoint_dir=tmp_path, resume=True, progress=False, evaluate=False)
 
 
+def test_a_run_stopped_early_resumes_to_the_same_run(tokenizer, tmp_path):
+    """stop_at probes a run's start: no evaluation, a checkpoint at the stop, and --resume finishes it as one
+    uninterrupted run would; the history records each answer digit's accuracy."""
+    cfg = RecallTrainConfig(steps=4, batch_size=2, controller=False, layers=[1], rank_fast=16, num_heads=2,
+                            curriculum="0:2-3", filler_pool=4, easy_fraction=0, eval_distances=(1,), eval_examples=2,
+                            eval_batch_size=2, checkpoint_every=10, lr=1e-2, generation_distances=())
+    whole = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                         evaluate=False)
+    probe = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                         checkpoint_dir=tmp_path, stop_at=2)
+    assert probe["stopped_at"] == 2 and len(probe["history"]) == 2 and "eval" not in probe
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    finished = train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                            checkpoint_dir=tmp_path, resume=True)
+    assert "stopped_at" not in finished and set(finished["eval"]) == {"sidecar", "reset", "base", "chance"}
+    assert [h["loss"] for h in finished["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-4)
+    for h in whole["history"]:
+        assert len(h["digit_position_accuracy"]) == cfg.key_digits
+        assert sum(h["digit_position_accuracy"]) / cfg.key_digits == pytest.approx(h["digit_accuracy"], abs=1e-3)
+    with pytest.raises(ValueError, match="stop_at"):
+        train_recall(cfg, model=tiny_cortex(tokenizer, controller=False), tokenizer=tokenizer, progress=False,
+                     stop_at=0)
+
+
 def test_draw_filler_calls_takes_the_hard_fraction_from_the_hard_calls():
     from cortexlab.train.recall import draw_filler_calls, hard_filler_calls
 
@@ -502,6 +526,9 @@ def test_config_and_curriculum_validation():
     with pytest.raises(ValueError, match="conv_init"):
         RecallTrainConfig(conv_init="identity")
     assert RecallTrainConfig(conv_init="induction").cortex_config().conv_init == "induction"
+    assert RecallTrainConfig(conv_size=8).cortex_config().conv_size == 8
+    with pytest.raises(ValueError, match="conv_size"):
+        RecallTrainConfig(conv_size=0)
     with pytest.raises(ValueError, match="shared_directions"):
         RecallTrainConfig(shared_directions=1, filler_pool=0)
     with pytest.raises(ValueError, match="shared_directions"):

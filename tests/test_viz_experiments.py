@@ -92,3 +92,26 @@ def test_takeoff_figure_and_step_read_the_training_curve():
         ex.takeoff_figure({})
     with pytest.raises(ValueError, match="window"):
         takeoff_step(runs["early"]["history"], window=0)
+
+
+def test_digit_curves_show_what_the_plateau_learnt():
+    """The first digit learnt alone at step 20, the others at step 60: the curves and the figure say so per digit;
+    steps recorded before the field existed are left out."""
+    from cortexlab.train import digit_curves
+
+    history = [{"step": s, "exact_match": 0.0} for s in range(1, 11)]   # an older run's steps: no per-digit field
+    history += [{"step": s, "digit_position_accuracy": [float(s > 20)] + [float(s > 60)] * 4}
+                for s in range(11, 111)]
+    curves = digit_curves(history, window=25)
+    assert len(curves) == 5 and [step for step, _ in curves[0]] == [35, 60, 85, 110]
+    assert [a for _, a in curves[0]] == [pytest.approx(0.6), 1, 1, 1]
+    assert [a for _, a in curves[1]] == [0, 0, pytest.approx(1.0), 1]
+    fig = ex.digit_takeoff_figure({"run": {"history": history}, "again": {"history": history}}, window=25)
+    assert [t.name for t in fig.data] == [f"digit {i}" for i in range(1, 6)] * 2
+    assert list(fig.data[1].y) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="digit_position_accuracy"):
+        digit_curves(history[:10])
+    with pytest.raises(ValueError, match="window"):
+        digit_curves(history, window=0)
+    with pytest.raises(ValueError, match="runs"):
+        ex.digit_takeoff_figure({})

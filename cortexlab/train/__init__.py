@@ -19,10 +19,10 @@ _EXPORTS = {
     "longtext": ("LongTextConfig", "carried_gain_by_offset", "evaluate_longtext", "train_longtext"),
     "lm": ("ABLATION_VARIANTS", "LMTrainConfig", "evaluate_lm", "train_lm", "train_lm_ablation"),
     "recall": ("EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss",
-               "answer_metrics", "crop_plan", "draw_filler_calls", "episode_forward", "evaluate_generation",
-               "evaluate_recall", "filler_damage", "hard_filler_calls", "load_checkpoint", "memory_only_depth",
-               "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint",
-               "score_answer", "scored_prefix", "sidecar_inputs", "takeoff_step", "train_recall",
+               "answer_metrics", "crop_plan", "digit_curves", "draw_filler_calls", "episode_forward",
+               "evaluate_generation", "evaluate_recall", "filler_damage", "hard_filler_calls", "load_checkpoint",
+               "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
+               "save_checkpoint", "score_answer", "scored_prefix", "sidecar_inputs", "takeoff_step", "train_recall",
                "training_curve"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -39,7 +39,7 @@ def __getattr__(name: str):
 __all__ = [
     "ABLATION_VARIANTS", "CropPlan", "EVAL_SEED", "LMTrainConfig", "LongTextConfig", "RecallEvalSet",
     "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics", "carried_gain_by_offset", "crop_plan",
-    "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_lm", "evaluate_longtext",
+    "digit_curves", "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_lm", "evaluate_longtext",
     "evaluate_recall", "evaluation_mode", "filler_damage", "hard_filler_calls", "load_checkpoint",
     "memory_only_depth", "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter",
     "save_checkpoint", "score_answer", "scored_prefix", "sidecar_inputs", "takeoff_step", "train_lm",

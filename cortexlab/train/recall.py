@@ -82,8 +82,8 @@ from .common import (
 
 __all__ = [
     "EVAL_SEED", "CropPlan", "RecallEvalSet", "RecallTrainConfig", "advance_memory", "answer_loss", "answer_metrics",
-    "crop_plan", "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_recall", "filler_damage",
-    "hard_filler_calls", "load_checkpoint", "memory_only_depth",
+    "crop_plan", "digit_curves", "draw_filler_calls", "episode_forward", "evaluate_generation", "evaluate_recall",
+    "filler_damage", "hard_filler_calls", "load_checkpoint", "memory_only_depth",
     "neutralise_controller_", "parse_curriculum", "question_logits", "save_adapter", "save_checkpoint", "score_answer",
     "scored_prefix", "sidecar_inputs", "takeoff_step", "train_recall", "training_curve",
 ]
@@ -142,6 +142,7 @@ class RecallTrainConfig:
     num_heads: int = 4
     controller: bool = True
     use_hybrid: bool = False
+    conv_size: int = 4                   # the short conv's taps: how many tokens back a key or query can see
     conv_init: str = "random"            # "induction": keys from the previous token (CortexWrapConfig.conv_init)
     shared_directions: int = 0           # project this many directions every input shares out of W_q and W_k at
                                          #   the start, found in the filler pool (`drop_shared_directions_`)
@@ -205,7 +206,8 @@ class RecallTrainConfig:
 
     def cortex_config(self) -> CortexWrapConfig:
         return CortexWrapConfig(layers=list(self.layers), rank_fast=self.rank_fast, num_heads=self.num_heads,
-                                controller=self.controller, use_hybrid=self.use_hybrid, conv_init=self.conv_init)
+                                controller=self.controller, use_hybrid=self.use_hybrid, conv_size=self.conv_size,
+                                conv_init=self.conv_init)
 
 
 def parse_curriculum(spec: str) -> list[tuple[float, int, int]]:
@@ -681,8 +683,12 @@ def crop_plan(task: RecallTask, max_filler: int, seed: int) -> CropPlan:
 
 
 def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoint_dir=None, resume: bool = False,
-                 progress: bool = True, accelerator=None, evaluate: bool = True) -> dict:
+                 progress: bool = True, accelerator=None, evaluate: bool = True, stop_at: int | None = None) -> dict:
     """Train a sidecar on recall across calls; returns a results dict (config, curve, eval, wall times).
+
+    stop_at: stop after this many steps of the `cfg.steps`-step schedule (a probe of the run's start, e.g. of
+    when it takes off; the schedule, data and checkpoints are the whole run's, so `resume=True` finishes it);
+    a stopped run is not evaluated and its results hold "stopped_at".
 
     model/tokenizer: a `CortexModel` and tokenizer to train (None: the bundled SmolLM2 with
     `cfg.cortex_config()` attached, the sidecar initialised from `cfg.seed`). The trained
@@ -692,6 +698,9 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     from tqdm.auto import tqdm
 
     t_start = time.time()
+    if stop_at is not None:
+        check_int("stop_at", stop_at)
+    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     if model is None:
         from cortexlab.models import load_base_model
 
@@ -754,8 +763,8 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     model.train()
     _unwrap(model).base.eval()   # the frozen base stays in eval mode (no dropout)
     rank = accelerator.process_index
-    bar = tqdm(range(start_step, cfg.steps), desc=f"recall ctrl={cfg.controller}", initial=start_step,
-               total=cfg.steps, disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(range(start_step, stop), desc=f"recall ctrl={cfg.controller}", initial=start_step,
+               total=stop, disable=not (progress and accelerator.is_main_process))
     for step in bar:
         t0 = time.time()
         step_seed = cfg.seed * 1_000_000 + step * accelerator.num_processes + rank
@@ -792,13 +801,14 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
         history.append({"step": step + 1, "calls": calls, "stage": stage, "loss": round(loss.item(), 5),
                         "exact_match": exact.float().mean().item(), "digit_accuracy": digits.float().mean().item(),
                         "prefix_accuracy": spaced,
+                        "digit_position_accuracy": [round(x, 4) for x in digits.float().mean(0).tolist()],
                         "grad_norm": None if grad_norm is None else round(float(grad_norm), 5),
                         "lr": _lr_at(step, cfg), "seconds": round(dt, 3)})
         bar.set_postfix(loss=f"{loss.item():.3f}", N=calls, em=f"{exact.float().mean().item():.2f}")
         if checkpoint_dir is not None and accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
             write_json_atomic(Path(checkpoint_dir) / "progress.json", {"steps": cfg.steps, "history": history})
         if checkpoint_dir is not None and accelerator.is_main_process and (
-                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
             save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, step + 1,
                             {"config": jsonable(asdict(cfg)), "history": history, "train_seconds": train_seconds,
                              "hard_calls": None if hard is None else hard.tolist()})
@@ -807,6 +817,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
     result = {"config": jsonable(asdict(cfg)), "cortex_config": json.loads(cfg.cortex_config().to_json()),
               "train_seconds": round(train_seconds, 1), "steps_run": len(history),
               "filler_pool_seconds": round(pool_seconds, 1),
+              **({"stopped_at": len(history)} if len(history) < cfg.steps else {}),
               "seeds": {"init": cfg.seed, "train_batches": "seed * 1e6 + step (split 'train')",
                         "eval": EVAL_SEED},
               "data": {"train": train_task.describe(), "heldout": heldout.describe(),   # file lists: disjoint splits
@@ -817,7 +828,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
                            if pools["main"] is None else len(pools["main"]["ids"]) - pools["main"]["clean"]}},
               "history": history}
     unwrapped = accelerator.unwrap_model(model)
-    if evaluate and accelerator.is_main_process:
+    if evaluate and accelerator.is_main_process and len(history) == cfg.steps:
         t0 = time.time()
         eval_set = RecallEvalSet(unwrapped, heldout, distances=cfg.eval_distances, examples=cfg.eval_examples,
                                  batch_size=cfg.eval_batch_size, progress=progress)
@@ -839,6 +850,19 @@ def training_curve(history: list[dict], window: int = 25) -> list[tuple[int, flo
     check_int("window", window)
     return [(history[s + window - 1]["step"], sum(h["exact_match"] for h in history[s:s + window]) / window)
             for s in range(0, len(history) - window + 1, window)]
+
+
+def digit_curves(history: list[dict], window: int = 25) -> list[list[tuple[int, float]]]:
+    """One curve per answer digit i: (last step, mean accuracy of digit i on the training batches) of each run of
+    `window` recorded steps. Shows what a plateau has learnt (the first digit alone, say) before the take-off.
+    Steps recorded before histories held "digit_position_accuracy" are left out."""
+    check_int("window", window)
+    rows = [h for h in history if "digit_position_accuracy" in h]
+    if not rows:
+        raise ValueError("history records no digit_position_accuracy (a run from before it was recorded)")
+    return [[(rows[s + window - 1]["step"], sum(h["digit_position_accuracy"][i] for h in rows[s:s + window]) / window)
+             for s in range(0, len(rows) - window + 1, window)]
+            for i in range(len(rows[0]["digit_position_accuracy"]))]
 
 
 def takeoff_step(history: list[dict], *, threshold: float = 0.5, window: int = 25) -> int | None:
@@ -1006,6 +1030,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=d.num_heads)
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=d.use_hybrid,
                    help="add the sliding-window attention beside the memory (default off, as in the DESIGN probe)")
+    p.add_argument("--conv-size", type=int, default=d.conv_size,
+                   help="the memory's short conv taps: a key or query sees this many tokens (itself included)")
     p.add_argument("--conv-init", choices=CONV_INITS, default=d.conv_init,
                    help="how the memory's projections and conv start (induction: keys from the previous token, "
                         "queries from the current one; see CortexWrapConfig)")
@@ -1041,7 +1067,8 @@ def _config_from(args, controller: bool, seed: int | None = None) -> RecallTrain
                              easy_filler=args.easy_filler, seed=args.seed if seed is None else seed,
                              call_tokens=args.call_tokens, layers=args.layers, rank_fast=args.rank,
                              num_heads=args.heads, controller=controller, use_hybrid=args.hybrid,
-                             conv_init=args.conv_init, shared_directions=args.shared_directions,
+                             conv_size=args.conv_size, conv_init=args.conv_init,
+                             shared_directions=args.shared_directions,
                              eval_distances=args.eval_distances, eval_examples=args.eval_examples,
                              generation_distances=args.generation_distances,
                              generation_examples=args.generation_examples,
@@ -1068,11 +1095,11 @@ def _run_one(args, controller: bool, out: Path, adapter: Path | None, command: s
     """Train one variant; write its results JSON (and adapter + card.json); returns the results."""
     cfg = _config_from(args, controller, seed)
     result = train_recall(cfg, checkpoint_dir=_checkpoint_dir(args, out.stem), resume=args.resume,
-                          progress=not args.no_progress, evaluate=evaluate)
+                          progress=not args.no_progress, evaluate=evaluate, stop_at=getattr(args, "stop_at", None))
     model = result.pop("model")
     result.pop("tokenizer")
     result.update(command=command, git=git_revision(), environment=environment())
-    if adapter is not None:
+    if adapter is not None and "stopped_at" not in result:
         save_adapter(model, adapter, _card(result, out))
         result["adapter"] = {"path": str(adapter), "bytes": (adapter / "cortex.safetensors").stat().st_size}
     write_json_atomic(out, result)
@@ -1224,6 +1251,9 @@ def add_cli(sub) -> None:
     p.add_argument("--controller", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--adapter", default=None, help="save the trained sidecar here (save_cortex + card.json)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this many of the --steps steps (a probe of the run's start: no evaluation, "
+                        "no adapter; --resume finishes it)")
     _add_common(p)
     p.set_defaults(run=run_cli)
     p = sub.add_parser("recall-ablation", help="the controller ablation: train with and without the controller")
@@ -1243,6 +1273,8 @@ def run_cli(args, command: str) -> dict:
     if args.recipe == "recall":
         out = Path(args.out)
         result = _run_one(args, args.controller, out, Path(args.adapter) if args.adapter else None, command)
+        if "stopped_at" in result:
+            return {"out": str(out), "stopped_at": result["stopped_at"], "took_off_at": takeoff_step(result["history"])}
         return {"out": str(out), "exact_match": _exact_table(result["eval"])}
     return _ablation(args, command)["exact_match"]
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["MIXER_COLORS", "mqar_figure", "mqar_live_figure", "mqar_merge", "mqar_rows", "position_loss_figure",
-           "recall_figure", "takeoff_figure", "throughput_figure", "version_retention_figure"]
+__all__ = ["MIXER_COLORS", "digit_takeoff_figure", "mqar_figure", "mqar_live_figure", "mqar_merge", "mqar_rows",
+           "position_loss_figure", "recall_figure", "takeoff_figure", "throughput_figure", "version_retention_figure"]
 
 MIXER_COLORS = {"attention": "#1f77b4", "sliding_window": "#ff7f0e", "gdn": "#2ca02c", "hybrid": "#9467bd"}
 VARIANT_STYLE = {"base_segments": ("base, segments", "#7f7f7f", "solid"),
@@ -130,6 +130,30 @@ def takeoff_figure(runs: Mapping[str, Mapping], *, window: int = 25, height: int
     fig.update_layout(height=height, template="plotly_white", yaxis_range=[-0.02, 1.02],
                       xaxis_title="training step", yaxis_title=f"exact match, training batches ({window}-step mean)",
                       title="E2: when the memory takes off", legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def digit_takeoff_figure(runs: Mapping[str, Mapping], *, window: int = 25, height: int = 360) -> go.Figure:
+    """E2 training digit by digit: each answer digit's accuracy on the training batches (`window`-step mean) vs
+    step, one panel per recall results file in `runs` (by label), chance (1/10) dashed."""
+    from cortexlab.train.recall import digit_curves
+
+    if not runs:
+        raise ValueError("runs is empty")
+    curves = {label: digit_curves(run["history"], window) for label, run in runs.items()}
+    fig = make_subplots(rows=1, cols=len(curves), subplot_titles=list(curves), shared_xaxes=True, shared_yaxes=True)
+    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+    for col, per_digit in enumerate(curves.values(), start=1):
+        for i, curve in enumerate(per_digit):
+            steps, accuracy = zip(*curve) if curve else ((), ())
+            fig.add_trace(go.Scatter(x=steps, y=accuracy, name=f"digit {i + 1}", mode="lines", showlegend=col == 1,
+                                     line=dict(color=palette[i % len(palette)])), row=1, col=col)
+        fig.add_hline(y=0.1, line=dict(color="gray", dash="dash", width=1), row=1, col=col)
+        fig.update_xaxes(title_text="training step", row=1, col=col)
+    fig.update_yaxes(title_text=f"digit accuracy, training batches ({window}-step mean)", range=[-0.02, 1.02],
+                     row=1, col=1)
+    fig.update_layout(height=height, template="plotly_white", title="E2: what the plateau has learnt, digit by digit",
+                      legend=dict(orientation="h", y=-0.25))
     return fig
 
 
