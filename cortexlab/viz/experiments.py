@@ -141,7 +141,7 @@ def digit_takeoff_figure(runs: Mapping[str, Mapping], *, window: int = 25, heigh
     if not runs:
         raise ValueError("runs is empty")
     curves = {label: digit_curves(run["history"], window) for label, run in runs.items()}
-    fig = make_subplots(rows=1, cols=len(curves), subplot_titles=list(curves), shared_xaxes=True, shared_yaxes=True)
+    fig = make_subplots(rows=1, cols=len(curves), subplot_titles=list(curves), shared_yaxes=True)
     palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
     for col, per_digit in enumerate(curves.values(), start=1):
         for i, curve in enumerate(per_digit):
