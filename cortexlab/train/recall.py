@@ -848,8 +848,7 @@ def train_recall(cfg: RecallTrainConfig, *, model=None, tokenizer=None, checkpoi
 def training_curve(history: list[dict], window: int = 25) -> list[tuple[int, float]]:
     """(last step, mean exact match) of each run of `window` training steps in a recall run's history."""
     check_int("window", window)
-    return [(history[s + window - 1]["step"], sum(h["exact_match"] for h in history[s:s + window]) / window)
-            for s in range(0, len(history) - window + 1, window)]
+    return _window_means(history, window, lambda h: h["exact_match"])
 
 
 def digit_curves(history: list[dict], window: int = 25) -> list[list[tuple[int, float]]]:
@@ -860,9 +859,14 @@ def digit_curves(history: list[dict], window: int = 25) -> list[list[tuple[int, 
     rows = [h for h in history if "digit_position_accuracy" in h]
     if not rows:
         raise ValueError("history records no digit_position_accuracy (a run from before it was recorded)")
-    return [[(rows[s + window - 1]["step"], sum(h["digit_position_accuracy"][i] for h in rows[s:s + window]) / window)
-             for s in range(0, len(rows) - window + 1, window)]
+    return [_window_means(rows, window, lambda h, i=i: h["digit_position_accuracy"][i])
             for i in range(len(rows[0]["digit_position_accuracy"]))]
+
+
+def _window_means(rows: list[dict], window: int, value) -> list[tuple[int, float]]:
+    """(last step, mean of value(row)) of each run of `window` consecutive rows of a history."""
+    return [(rows[s + window - 1]["step"], sum(value(h) for h in rows[s:s + window]) / window)
+            for s in range(0, len(rows) - window + 1, window)]
 
 
 def takeoff_step(history: list[dict], *, threshold: float = 0.5, window: int = 25) -> int | None:
@@ -1091,11 +1095,11 @@ def _card(result: dict, out: Path) -> dict:
 
 
 def _run_one(args, controller: bool, out: Path, adapter: Path | None, command: str, evaluate: bool = True,
-             seed: int | None = None) -> dict:
+             seed: int | None = None, stop_at: int | None = None) -> dict:
     """Train one variant; write its results JSON (and adapter + card.json); returns the results."""
     cfg = _config_from(args, controller, seed)
     result = train_recall(cfg, checkpoint_dir=_checkpoint_dir(args, out.stem), resume=args.resume,
-                          progress=not args.no_progress, evaluate=evaluate, stop_at=getattr(args, "stop_at", None))
+                          progress=not args.no_progress, evaluate=evaluate, stop_at=stop_at)
     model = result.pop("model")
     result.pop("tokenizer")
     result.update(command=command, git=git_revision(), environment=environment())
@@ -1272,7 +1276,8 @@ def run_cli(args, command: str) -> dict:
     """Run a recall recipe from parsed arguments; returns the exact-match table it printed."""
     if args.recipe == "recall":
         out = Path(args.out)
-        result = _run_one(args, args.controller, out, Path(args.adapter) if args.adapter else None, command)
+        result = _run_one(args, args.controller, out, Path(args.adapter) if args.adapter else None, command,
+                          stop_at=args.stop_at)
         if "stopped_at" in result:
             return {"out": str(out), "stopped_at": result["stopped_at"], "took_off_at": takeoff_step(result["history"])}
         return {"out": str(out), "exact_match": _exact_table(result["eval"])}
