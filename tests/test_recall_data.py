@@ -236,6 +236,20 @@ def test_fact_at_places_every_fact_at_that_token(tasks):
         task.batch(1, 2, seed=0, fact_at=0)
 
 
+def test_key_starts_finds_the_first_digit_of_each_key_in_call_one(tasks):
+    task = tasks["train"]
+    batch = task.batch(3, 6, seed=11)
+    starts = task.key_starts(batch)
+    for e, start in enumerate(starts):
+        assert batch.input_ids[e, 0, start:start + task.key_digits].tolist() == batch.answer[e].tolist()
+        assert batch.input_ids[e, 0, start - 1].item() in task.answer_prefix
+    twice = batch.input_ids.clone()       # the key stated again at the end of episode 2's first call
+    twice[2, 0, -1 - task.key_digits:] = torch.tensor(task.answer_prefix + batch.answer[2].tolist())
+    copied = type(batch)(twice, batch.labels, batch.answer, batch.keys, batch.split, batch.seed)
+    with pytest.raises(ValueError, match="episode 2: the key appears 2 times"):
+        task.key_starts(copied)
+
+
 def test_distractors_put_other_numbers_stated_like_facts_into_the_filler(tokenizer):
     from conftest import distractor_pattern
     from cortexlab.data.recall import DISTRACTOR_SPACING, DISTRACTOR_TEMPLATES

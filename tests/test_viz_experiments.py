@@ -115,3 +115,15 @@ def test_digit_curves_show_what_the_plateau_learnt():
         digit_curves(history, window=0)
     with pytest.raises(ValueError, match="runs"):
         ex.digit_takeoff_figure({})
+
+
+def test_digit_probe_figure_draws_each_reading_by_layer():
+    rows = [{"layer": i, "digit": 0.5 + i / 10, "previous": 0.2 + i / 10, "place": 0.9, "shared": 0.6}
+            for i in range(4)]
+    fig = ex.digit_probe_figure(rows, marked=[1, 3])
+    assert [t.name for t in fig.data] == ["the digit", "the digit before it", "its place", "mean cosine between inputs"]
+    assert list(fig.data[0].x) == [0, 1, 2, 3]
+    assert list(fig.data[1].y) == [pytest.approx(0.2 + i / 10) for i in range(4)]
+    assert sum(shape["type"] == "line" and shape["x0"] == shape["x1"] for shape in fig.layout.shapes) == 2
+    with pytest.raises(ValueError, match="rows"):
+        ex.digit_probe_figure([])

@@ -546,6 +546,21 @@ class RecallTask:
         labels[:, -1, scored] = input_ids[:, -1, scored]
         return RecallBatch(input_ids, labels, answer, keys, self.split, seed)
 
+    def key_starts(self, batch: RecallBatch) -> list[int]:
+        """Where each episode's key begins in its first call: the token index of the key's first digit
+        (found with the space before it); ValueError if an episode states it anywhere but exactly once."""
+        prefix = torch.tensor(self.answer_prefix, dtype=batch.answer.dtype, device=batch.answer.device)
+        fact, P = batch.input_ids[:, 0], len(self.answer_prefix)
+        starts = []
+        for e, key in enumerate(batch.answer):
+            stated = torch.cat([prefix, key])
+            n = len(stated)
+            found = [s for s in range(fact.shape[1] - n + 1) if torch.equal(fact[e, s:s + n], stated)]
+            if len(found) != 1:
+                raise ValueError(f"episode {e}: the key appears {len(found)} times in the fact call, expected once")
+            starts.append(found[0] + P)
+        return starts
+
     def conflict_batch(self, num_calls: int, batch_size: int, seed: int) -> RecallBatch:
         """Episodes with a conflicting fact: call 1 gives key A, call 2 another key B in a fact phrasing of the
         same split (at a random place, filler around it), calls 3..N-1 filler, and call N asks for the pass key,

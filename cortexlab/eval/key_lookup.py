@@ -43,15 +43,10 @@ def key_lookup(model, task: RecallTask, *, episodes: int = 16, seed: int = 0) ->
     x = torch.cat([sidecar_inputs(model, ids, entropy=False)["x"] for ids in (fact, question)], dim=1)
     q, k, _, _ = gdn.features(x, None, None)     # one stream: the conv carries across the calls, as in a session
     q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-    answer = torch.cat([torch.tensor(task.answer_prefix, device=device).expand(episodes, -1), batch.answer], 1)
-    n = answer.shape[1]
     hits, matched, others = [], [], []
-    for e in range(episodes):
-        starts = [s for s in range(T - n + 1) if torch.equal(fact[e, s:s + n], answer[e])]
-        if len(starts) != 1:
-            raise ValueError(f"episode {e}: the key appears {len(starts)} times in the fact call, expected once")
-        for i in range(1, n):                    # the digits (the prefix is the base model's to predict)
-            t, s = T + T - n + i - 1, starts[0] + i      # query before digit i in the question; digit i in the fact
+    for e, start in enumerate(task.key_starts(batch)):
+        for i in range(task.key_digits):         # the digits (the prefix is the base model's to predict)
+            t, s = T + T - task.key_digits + i - 1, start + i   # query before digit i (question), digit i (fact)
             sims = torch.einsum("hd,shd->s", q[e, t], k[e, :T]) / q.shape[2]
             hits.append(float(sims.argmax() == s))
             matched.append(sims[s].item())

@@ -157,6 +157,32 @@ def digit_takeoff_figure(runs: Mapping[str, Mapping], *, window: int = 25, heigh
     return fig
 
 
+def digit_probe_figure(rows: Sequence[Mapping], *, marked: Sequence[int] = (), height: int = 380) -> go.Figure:
+    """`cortexlab.eval.digit_probe` rows: how well each layer's input names a digit, the digit before it and its
+    place (nearest class mean, held-out episodes), and the inputs' mean cosine, vs layer; chance dotted, the
+    layers in `marked` (e.g. where sidecars sit) as vertical lines."""
+    if not rows:
+        raise ValueError("rows is empty")
+    layers = [row["layer"] for row in rows]
+    fig = go.Figure()
+    named = (("digit", "the digit", 0.1), ("previous", "the digit before it", 1 / 11), ("place", "its place", None))
+    for i, (key, label, chance) in enumerate(named):
+        color = ("#1f77b4", "#ff7f0e", "#2ca02c")[i]
+        fig.add_trace(go.Scatter(x=layers, y=[row[key] for row in rows], name=label, mode="lines+markers",
+                                 line=dict(color=color)))
+        if chance:
+            fig.add_hline(y=chance, line=dict(color=color, dash="dot", width=1))
+    fig.add_trace(go.Scatter(x=layers, y=[row["shared"] for row in rows], name="mean cosine between inputs",
+                             mode="lines", line=dict(color="gray", dash="dash")))
+    for layer in marked:
+        fig.add_vline(x=layer, line=dict(color="black", width=1, dash="dot"), annotation_text=f"layer {layer}")
+    fig.update_layout(height=height, template="plotly_white", xaxis_title="decoder layer (its normalised input)",
+                      yaxis=dict(title="held-out accuracy / cosine", range=[0, 1.02]),
+                      title="What each layer's input says about a digit of the key",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
 def position_loss_figure(evaluation: Mapping, segment_tokens: int, *, bin_tokens: int = 16,
                          height: int = 420) -> go.Figure:
     """E3: mean next-token loss by position (averaged over bins of `bin_tokens`) for the three variants, with the
