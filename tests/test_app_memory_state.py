@@ -15,35 +15,40 @@ def model():
     return common.cortex_model()
 
 
-def test_read_call_traces_from_the_stored_state_and_stores_the_traced_final_state(model):
+@pytest.fixture(scope="module")
+def layer(model):
+    return model.layer_ids[0]          # the committed adapter's one sidecar
+
+
+def test_read_call_traces_from_the_stored_state_and_stores_the_traced_final_state(model, layer):
     tok = model.tokenizer
     first, second = (tok(t, return_tensors="pt").input_ids for t in (DEFAULT_TEXT, "The weather was fine."))
     model.sessions.reset("t-read")
-    view1 = read_call(model, first, "t-read", 12)
+    view1 = read_call(model, first, "t-read", layer)
     assert view1.calls_before == 0 and view1.trace.tokens == first.shape[1]
     assert torch.count_nonzero(view1.trace.states[0, 0]) == 0            # a new session starts from S = 0
-    stored = session_memory(model, "t-read")[12]["S"]
+    stored = session_memory(model, "t-read")[layer]["S"]
     torch.testing.assert_close(view1.trace.final_state, stored, atol=1e-4, rtol=1e-4)
-    view2 = read_call(model, second, "t-read", 12)
+    view2 = read_call(model, second, "t-read", layer)
     assert view2.calls_before == 1
     torch.testing.assert_close(view2.trace.states[:, 0], stored, atol=1e-6, rtol=0)   # continues the session
     assert set(view2.signals) >= {"surprise", "entropy", "beta", "decay"}
     assert all(s.shape == (second.shape[1],) for s in view2.signals.values())
     with pytest.raises(ValueError, match="input_ids"):
-        read_call(model, first[:, :0], "t-read", 12)
+        read_call(model, first[:, :0], "t-read", layer)
 
 
-def test_recall_probe_recalls_the_key_only_with_the_memory(model):
+def test_recall_probe_recalls_the_key_only_with_the_memory(model, layer):
     tok = model.tokenizer
     model.sessions.reset("t-probe")
-    read_call(model, tok(DEFAULT_TEXT, return_tensors="pt").input_ids, "t-probe", 12)
+    read_call(model, tok(DEFAULT_TEXT, return_tensors="pt").input_ids, "t-probe", layer)
     question = tok(" What is the pass key? The pass key is", return_tensors="pt", add_special_tokens=False).input_ids
-    probe = recall_probe(model, question, "t-probe", 12)
+    probe = recall_probe(model, question, "t-probe", layer)
     assert probe.answer.strip().startswith("40213")                   # the key, read from memory only
     assert "40213" not in probe.answer_without_memory                 # the same model with the memory reset
     assert probe.trace.read_norm.shape[1] == question.shape[1]
     with pytest.raises(ValueError, match="read nothing"):
-        recall_probe(model, question, "t-never-read", 12)
+        recall_probe(model, question, "t-never-read", layer)
 
 
 def test_app_scrubs_tokens_switches_sessions_and_keeps_state_on_bad_input(model):
@@ -70,12 +75,12 @@ def test_app_scrubs_tokens_switches_sessions_and_keeps_state_on_bad_input(model)
     assert app.view is None and model.sessions.get(app._session_id()) is None
 
 
-def test_two_app_instances_never_share_memory(model):
+def test_two_app_instances_never_share_memory(model, layer):
     one, two = MemoryStateApp(model=model), MemoryStateApp(model=model)
     assert one._session_id() != two._session_id()
     one.read("Completely different text about gardens and roses.")
     assert len(one.history["session 1"]) == 2 and len(two.history["session 1"]) == 1
-    s_two = session_memory(model, two._session_id())[12]["S"]
+    s_two = session_memory(model, two._session_id())[layer]["S"]
     torch.testing.assert_close(s_two, two.view.trace.final_state, atol=1e-4, rtol=1e-4)
 
 
