@@ -39,7 +39,7 @@ def test_smollm2_names_the_digits_at_layer_6_and_blurs_them_at_layer_12(smollm2)
 
 def test_digit_probe_refuses_bad_arguments(smollm2):
     base, task = smollm2
-    for layers in ([30], [-1], [], ["6"]):
+    for layers in ([30], [-1], [], ["6"], [True]):
         with pytest.raises(ValueError, match="layers"):
             digit_probe(base, task, episodes=8, layers=layers)
     with pytest.raises(ValueError, match="episodes"):

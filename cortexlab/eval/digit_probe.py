@@ -46,7 +46,7 @@ def digit_probe(base, task: RecallTask, *, episodes: int = 96, seed: int = 0,
     check_int("episodes", episodes, 4)
     blocks = decoder_layers(base)
     layers = list(range(len(blocks))) if layers is None else list(layers)
-    bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < len(blocks))]
+    bad = [i for i in layers if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(blocks))]
     if bad or not layers:
         raise ValueError(f"layers must be decoder-layer indices in [0, {len(blocks)}), got {layers!r}")
     device = next(base.parameters()).device
