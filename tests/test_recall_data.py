@@ -147,6 +147,26 @@ def test_direct_templates_add_facts_with_the_key_right_after_the_noun(tokenizer)
         RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="listed+direct")
 
 
+def test_composed_direct_templates_vary_what_follows_the_key(tokenizer):
+    from cortexlab.data.recall import DIRECT_FACT_PARTS, DIRECT_FACT_TEMPLATES, composed_direct_templates
+
+    facts = composed_direct_templates()
+    assert len(set(facts)) == len(DIRECT_FACT_PARTS[0]) * len(DIRECT_FACT_PARTS[1]) == 72
+    assert set(DIRECT_FACT_TEMPLATES) <= set(facts)
+    assert all(t.count("pass key {key}") == 1 for t in facts)
+    endings = {t.split("{key}")[1] for t in facts}
+    assert len(endings) == 12 and not any(e.startswith(" for") for e in endings)   # the held-out ending stays unseen
+    assert not set(facts) & set(FACT_TEMPLATES["heldout"])
+    task = RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="listed+direct-composed")
+    assert task.fact_templates == FACT_TEMPLATES["train"] + facts
+    batch = task.batch(2, 64, seed=0)
+    text = [tokenizer.decode(batch.input_ids[b, 0]) for b in range(64)]
+    drawn = {t.split("{key}")[1] for b, key in enumerate(batch.keys) for t in facts if t.format(key=key) in text[b]}
+    assert len(drawn) >= 8   # many endings, not only the four direct facts'
+    with pytest.raises(ValueError, match="templates"):
+        RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="listed+direct-composed")
+
+
 def test_package_filler_widens_training_text_without_heldout_overlap(tokenizer, tasks):
     root = stdlib_root()
     packages = stdlib_package_modules()

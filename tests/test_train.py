@@ -454,6 +454,7 @@ def test_direct_facts_join_at_their_step(tokenizer, monkeypatch):
         RecallTrainConfig(direct_from=0.5)   # the listed templates have no direct facts to add
     with pytest.raises(ValueError, match="direct_from"):
         RecallTrainConfig(templates="listed+direct", direct_from=1.5)
+    assert RecallTrainConfig(templates="listed+direct-composed", direct_from=0.5).direct_from == 0.5
 
 
 def test_shared_directions_are_found_in_the_filler_pool_before_training(tokenizer, monkeypatch):

@@ -37,6 +37,9 @@ instead of the 8 and 6 listed ones; they include all 6 listed questions and 5 of
 "Remember this: ...", "Note that ..." and "Please keep in mind that ..."). `templates="listed+direct"` adds
 `DIRECT_FACT_TEMPLATES` to the 8 listed facts: every listed one puts "is" or ":" between "pass key" and the key,
 these put the key right after the noun ("Store the pass key 40213 somewhere safe."), as one held-out fact does.
+`templates="listed+direct-composed"` adds every combination of `DIRECT_FACT_PARTS` instead (6 verbs x 12 endings,
+the 4 direct facts among them): what follows the key varies, so a memory cannot lean on the token after it. No
+ending starts with " for", the word after the key in the held-out "Memorise the pass key {key} for later.".
 
 `distractors=p` puts other numbers stated like facts into the filler: each filler span (around the fact,
 a whole filler call, before the question) is, with probability p, overwritten in one place per
@@ -65,15 +68,15 @@ from cortexlab.checks import check_bool, check_int, check_number
 from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
-    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACT_TEMPLATES", "DISTRACTOR_KINDS",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACT_PARTS", "DIRECT_FACT_TEMPLATES", "DISTRACTOR_KINDS",
     "DISTRACTOR_TEMPLATES", "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
     "SPLITS", "TEMPLATES",
-    "RecallBatch", "RecallTask", "composed_templates", "distractor_templates", "filler_files", "filler_token_pool",
-    "filler_windows",
+    "RecallBatch", "RecallTask", "composed_direct_templates", "composed_templates", "distractor_templates",
+    "filler_files", "filler_token_pool", "filler_windows",
 ]
 
 FILLERS = ("stdlib", "stdlib+packages", "repeat")
-TEMPLATES = ("listed", "composed", "listed+direct")
+TEMPLATES = ("listed", "composed", "listed+direct", "listed+direct-composed")
 SHINGLE_WORDS = 10           # a package docstring sharing a run of this many words with held-out filler is dropped
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 MIN_DOCSTRING_CHARS = 80     # shorter docstrings are mostly one-liners ("Return x.")
@@ -102,6 +105,11 @@ DIRECT_FACT_TEMPLATES = (   # the key right after "pass key" (templates="listed+
     "Write down the pass key {key} now.",
     "Use the pass key {key} when you are asked.",
     "Take note of the pass key {key}.",
+)
+DIRECT_FACT_PARTS = (   # "<verb> the pass key {key}<ending>": 6 x 12 facts (templates="listed+direct-composed")
+    ("Store", "Write down", "Use", "Take note of", "Hold on to", "Copy"),
+    (" somewhere safe.", " now.", " when you are asked.", ".", " and keep it.", " in your notes.", " until the end.",
+     " before you go on.", " exactly as written.", " with care.", ", then read on.", " in a safe place."),
 )
 QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
     "train": (
@@ -204,6 +212,11 @@ def composed_templates() -> tuple[tuple[str, ...], tuple[str, ...]]:
     facts = tuple(_sentence(*parts) for parts in itertools.product(*COMPOSED_FACT_PARTS))
     questions = tuple(_sentence(*parts) for parts in itertools.product(*COMPOSED_QUESTION_PARTS))
     return facts, questions
+
+
+def composed_direct_templates() -> tuple[str, ...]:
+    """Every combination of `DIRECT_FACT_PARTS`, "<verb> the pass key {key}<ending>", in a fixed order."""
+    return tuple(f"{verb} the pass key {{key}}{ending}" for verb, ending in itertools.product(*DIRECT_FACT_PARTS))
 
 
 def filler_files(split: str) -> list[Path]:
@@ -349,8 +362,9 @@ class RecallTask:
     pass-key filler, the same for both splits); max_filler_chars: how much docstring text to tokenize;
     phrasing: the split whose fact and question templates are used (None: `split`), so that crossing filler
     and phrasing splits can tell which of the two a model's held-out gap comes from; templates: "listed"
-    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`), "composed" (`composed_templates()`) or "listed+direct" (the listed
-    ones and `DIRECT_FACT_TEMPLATES`), the last two train phrasing only;
+    (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`), "composed" (`composed_templates()`), "listed+direct" (the listed
+    ones and `DIRECT_FACT_TEMPLATES`) or "listed+direct-composed" (the listed ones and
+    `composed_direct_templates()`), all but "listed" train phrasing only;
     distractors: the probability that a filler span carries other numbers stated like facts (the split's
     `DISTRACTOR_TEMPLATES`; see the module docstring); distractor_kind: "all" of them or the "plain" ones (without
     the `FACT_FRAMED_DISTRACTORS`).
@@ -391,7 +405,8 @@ class RecallTask:
             unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
             self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
         self.answer_tokens = len(self.answer_prefix) + key_digits
-        facts = FACT_TEMPLATES[phrasing] + (DIRECT_FACT_TEMPLATES if templates == "listed+direct" else ())
+        facts = FACT_TEMPLATES[phrasing] + {"listed+direct": DIRECT_FACT_TEMPLATES,
+                                            "listed+direct-composed": composed_direct_templates()}.get(templates, ())
         self._use_templates(*(composed_templates() if templates == "composed" else
                               (facts, QUESTION_TEMPLATES[phrasing])))
         if len(self.pool) < 4 * call_tokens:

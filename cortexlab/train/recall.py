@@ -119,9 +119,10 @@ class RecallTrainConfig:
     hard_every: int = 300                #   damaging 1/8 (`filler_damage`), ranked after every hard_every main
                                          #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66;
-                                         #   "listed+direct": with DIRECT_FACT_TEMPLATES)
-    direct_from: float = 0.0             # templates="listed+direct": the direct facts join after this fraction of
-                                         #   the steps (before: the listed facts; main stage only, as distractors)
+                                         #   "listed+direct": with DIRECT_FACT_TEMPLATES;
+                                         #   "listed+direct-composed": with composed_direct_templates())
+    direct_from: float = 0.0             # templates="listed+direct(-composed)": the direct facts join after this
+                                         #   fraction of the steps (before: the listed facts; main stage only)
     distractors: float = 0.0             # after distractors_from * steps steps, this share of the filler calls
     distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans, before cropping)
                                          #   carries other numbers stated like facts (`RecallTask(distractors=)`);
@@ -168,8 +169,9 @@ class RecallTrainConfig:
         if self.distractors_from and not self.distractors:
             raise ValueError(f"distractors_from={self.distractors_from} needs distractors > 0")
         check_number("direct_from", self.direct_from, 0, 1)
-        if self.direct_from and self.templates != "listed+direct":
-            raise ValueError(f"direct_from={self.direct_from} needs templates='listed+direct', got {self.templates!r}")
+        if self.direct_from and not self.templates.startswith("listed+direct"):
+            raise ValueError(f"direct_from={self.direct_from} needs templates 'listed+direct' or "
+                             f"'listed+direct-composed', got {self.templates!r}")
         if self.distractor_kind not in DISTRACTOR_KINDS:
             raise ValueError(f"distractor_kind must be one of {DISTRACTOR_KINDS}, got {self.distractor_kind!r}")
         if self.distractor_kind != "all" and not self.distractors:
@@ -1023,10 +1025,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "fact ('Remember this: the door code is 4071.')")
     p.add_argument("--templates", choices=TEMPLATES, default=d.templates,
                    help="fact and question templates of both stages (composed: every combination of their parts; "
-                        "listed+direct: the listed ones and facts with the key right after 'pass key')")
+                        "listed+direct: the listed ones and facts with the key right after 'pass key'; "
+                        "listed+direct-composed: the listed ones and 72 such facts, 6 verbs x 12 endings after "
+                        "the key)")
     p.add_argument("--direct-from", type=float, default=d.direct_from,
-                   help="with --templates listed+direct: the fraction of the steps after which the direct facts join "
-                        "(before: the listed ones; not before the easy stage ends)")
+                   help="with --templates listed+direct(-composed): the fraction of the steps after which the "
+                        "direct facts join (before: the listed ones; not before the easy stage ends)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--call-tokens", type=int, default=d.call_tokens)
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=d.layers)
