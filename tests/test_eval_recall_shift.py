@@ -84,6 +84,38 @@ def test_by_template_reads_each_template_of_the_phrasing_split_on_its_own():
     assert readings[name] == {d: {k: r[k] for k in ("exact_match", "digit_accuracy")} for d, r in ev["sidecar"].items()}
 
 
+def test_facts_reads_the_given_fact_templates_on_each_filler_split():
+    import pytest
+
+    from cortexlab.data.recall import QUESTION_TEMPLATES
+    from cortexlab.eval.recall_shift import fact_tasks, main
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    facts = ["Memorise the pass key {key}.", "Memorise the pass key {key} for later."]
+    tasks = fact_tasks(tokenizer, facts, call_tokens=48, crossings=[("train", "heldout"), ("train", "train"),
+                                                                    ("heldout", "train")])
+    assert list(tasks) == [f"filler={f},fact={t}" for f in ("train", "heldout") for t in facts]
+    for name, task in tasks.items():
+        assert task.split == name[len("filler="):].split(",")[0]
+        assert task.fact_templates == (name.split(",fact=")[1],)
+        assert task.question_templates == QUESTION_TEMPLATES["train"]
+    model = randomise_(tiny_cortex(tokenizer, controller=True))
+    model.tokenizer = tokenizer
+    readings = recall_shift(model, call_tokens=48, distances=(1,), examples=4, batch_size=4, seed=3,
+                            crossings=[("train", "train")], facts=facts[1:])
+    name = f"filler=train,fact={facts[1]}"
+    ev = evaluate_recall(model, tasks[name], distances=(1,), examples=4, batch_size=4, seed=3, variants=("sidecar",))
+    assert readings == {name: {d: {k: r[k] for k in ("exact_match", "digit_accuracy")}
+                               for d, r in ev["sidecar"].items()}}
+    for bad in (["no key here"], "Memorise the pass key {key}.", []):
+        with pytest.raises(ValueError, match="facts"):
+            fact_tasks(tokenizer, bad, call_tokens=48, crossings=[("train", "train")])
+    with pytest.raises(ValueError, match="by_template"):
+        recall_shift(model, call_tokens=48, by_template=True, facts=facts)
+    with pytest.raises(SystemExit):   # refused before any model is loaded
+        main(["--by-template", "--facts", facts[0]])
+
+
 def test_with_templates_checks_its_templates():
     import pytest
 

@@ -19,7 +19,9 @@ crossings are read ("heldout/heldout" is filler split / phrasing split).
 
 `--by-template` reads, for each crossing F/P, every fact template of split P on its own (the questions from the
 training templates) and every question template of P on its own (the facts from the training templates), on F's
-filler (`template_tasks`): which of the phrasings carry the gap.
+filler (`template_tasks`): which of the phrasings carry the gap. `--facts T [T ...]` reads fact templates of one's
+own choosing the same way, on the filler of each crossing's filler split (`fact_tasks`), e.g. a held-out fact with
+its ending changed ("Memorise the pass key {key}." beside "Memorise the pass key {key} for later.").
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from cortexlab.checks import check_bool, check_int
 from cortexlab.data.recall import SPLITS, RecallTask
 from cortexlab.results import FIRST_RECALL_ADAPTER
 
-__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "read_tasks", "recall_shift", "template_tasks"]
+__all__ = ["CROSSINGS", "check_crossings", "crossing_tasks", "fact_tasks", "read_tasks", "recall_shift",
+           "template_tasks"]
 
 CROSSINGS = tuple((filler, phrasing) for filler in SPLITS for phrasing in SPLITS)
 
@@ -79,15 +82,34 @@ def template_tasks(tokenizer, *, call_tokens: int, key_digits: int = 5, distract
     return tasks
 
 
+def fact_tasks(tokenizer, facts, *, call_tokens: int, key_digits: int = 5, distractors: float = 0.0,
+               crossings=CROSSINGS) -> dict[str, RecallTask]:
+    """{"filler=F,fact=<template>": F's filler, this one fact template, the training questions} for each of
+    `facts` (a list of templates, each with one "{key}") and each filler split F among `crossings`."""
+    tasks = {}
+    for filler in dict.fromkeys(f for f, _ in check_crossings(crossings)):
+        known = RecallTask(tokenizer, filler, call_tokens=call_tokens, key_digits=key_digits, phrasing="train",
+                           distractors=distractors)
+        known.with_templates(facts=facts)   # checks the list as a whole (ValueError naming facts)
+        tasks.update({f"filler={filler},fact={t}": known.with_templates(facts=(t,)) for t in facts})
+    return tasks
+
+
 def recall_shift(model, *, call_tokens: int, key_digits: int = 5, distances=(1, 8, 16), examples: int = 64,
                  batch_size: int = 16, seed: int | None = None, distractors: float = 0.0,
-                 crossings=CROSSINGS, by_template: bool = False) -> dict:
+                 crossings=CROSSINGS, by_template: bool = False, facts=None) -> dict:
     """{"filler=F,phrasing=P": {str(d): {"exact_match", "digit_accuracy"}}} for each crossing of the splits
-    (`crossing_tasks`; by_template: one reading per template instead, `template_tasks`), read by `read_tasks`.
+    (`crossing_tasks`; by_template: one reading per template instead, `template_tasks`; facts: one reading per given
+    fact template, `fact_tasks`), read by `read_tasks`.
     model: a `CortexModel` with its tokenizer as `model.tokenizer` (as `load_with_cortex` gives it)."""
     check_bool("by_template", by_template)
-    tasks = (template_tasks if by_template else crossing_tasks)(
-        model.tokenizer, call_tokens=call_tokens, key_digits=key_digits, distractors=distractors, crossings=crossings)
+    if by_template and facts is not None:
+        raise ValueError("by_template reads the split's own templates and facts reads the given ones; pass one")
+    shape = {"call_tokens": call_tokens, "key_digits": key_digits, "distractors": distractors, "crossings": crossings}
+    if facts is not None:
+        tasks = fact_tasks(model.tokenizer, facts, **shape)
+    else:
+        tasks = (template_tasks if by_template else crossing_tasks)(model.tokenizer, **shape)
     return read_tasks(model, tasks, distances=distances, examples=examples, batch_size=batch_size, seed=seed)
 
 
@@ -133,8 +155,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="comma-separated filler/phrasing splits to read (default: all four)")
     p.add_argument("--by-template", action="store_true",
                    help="one reading per fact and per question template of each crossing's phrasing split")
+    p.add_argument("--facts", nargs="+", metavar="TEMPLATE",
+                   help="one reading per given fact template (with one {key}), on each crossing's filler split")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if args.by_template and args.facts:
+        p.error("--by-template and --facts: pass one")
     git_revision(refresh=True)   # the code as the run starts
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,13 +168,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_with_cortex(adapter=args.adapter)
     config = json.loads((Path(args.adapter) / "card.json").read_text())["config"]
     shape = {"call_tokens": config["call_tokens"], "key_digits": config["key_digits"]}
-    data = (template_tasks if args.by_template else crossing_tasks)(
-        model.tokenizer, **shape, distractors=args.distractors, crossings=args.crossings)
+    reading = {**shape, "distractors": args.distractors, "crossings": args.crossings}
+    data = (fact_tasks(model.tokenizer, args.facts, **reading) if args.facts else
+            (template_tasks if args.by_template else crossing_tasks)(model.tokenizer, **reading))
     readings = read_tasks(model, data, distances=args.distances, examples=args.examples, seed=args.seed)
     command = "python -m cortexlab.eval.recall_shift " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"experiment": "E2's held-out gap: filler and phrasing splits crossed (teacher-forced exact match)",
               "adapter": args.adapter, **shape, "distances": list(args.distances), "examples": args.examples,
-              "seed": args.seed, "distractors": args.distractors, "by_template": args.by_template, "readings": readings,
+              "seed": args.seed, "distractors": args.distractors, "by_template": args.by_template,
+              "facts": args.facts, "readings": readings,
               "data": {name: task.describe() for name, task in data.items()},
               "seconds": round(time.time() - t0, 1), "command": command, "git": git_revision(),
               "environment": environment()}
