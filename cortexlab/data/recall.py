@@ -68,8 +68,8 @@ from cortexlab.checks import check_bool, check_int, check_number
 from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
-    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACT_PARTS", "DIRECT_FACT_TEMPLATES", "DISTRACTOR_KINDS",
-    "DISTRACTOR_TEMPLATES", "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACTS", "DIRECT_FACT_PARTS", "DIRECT_FACT_TEMPLATES",
+    "DISTRACTOR_KINDS", "DISTRACTOR_TEMPLATES", "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
     "SPLITS", "TEMPLATES",
     "RecallBatch", "RecallTask", "composed_direct_templates", "composed_templates", "distractor_templates",
     "filler_files", "filler_token_pool", "filler_windows",
@@ -217,6 +217,11 @@ def composed_templates() -> tuple[tuple[str, ...], tuple[str, ...]]:
 def composed_direct_templates() -> tuple[str, ...]:
     """Every combination of `DIRECT_FACT_PARTS`, "<verb> the pass key {key}<ending>", in a fixed order."""
     return tuple(f"{verb} the pass key {{key}}{ending}" for verb, ending in itertools.product(*DIRECT_FACT_PARTS))
+
+
+DIRECT_FACTS = {   # the templates values that add direct facts, and the facts they add to the listed ones
+    "listed+direct": DIRECT_FACT_TEMPLATES, "listed+direct-composed": composed_direct_templates(),
+}
 
 
 def filler_files(split: str) -> list[Path]:
@@ -405,8 +410,7 @@ class RecallTask:
             unit = tokenizer.encode(REPEAT_FILLER, add_special_tokens=False)
             self.pool, self.source_files = torch.tensor(unit * (1 + 8 * call_tokens // len(unit))), []
         self.answer_tokens = len(self.answer_prefix) + key_digits
-        facts = FACT_TEMPLATES[phrasing] + {"listed+direct": DIRECT_FACT_TEMPLATES,
-                                            "listed+direct-composed": composed_direct_templates()}.get(templates, ())
+        facts = FACT_TEMPLATES[phrasing] + DIRECT_FACTS.get(templates, ())
         self._use_templates(*(composed_templates() if templates == "composed" else
                               (facts, QUESTION_TEMPLATES[phrasing])))
         if len(self.pool) < 4 * call_tokens:

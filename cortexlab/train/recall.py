@@ -65,7 +65,8 @@ from cortexlab.cortex import CortexWrapConfig, attach_cortex
 from cortexlab.cortex.config import CONV_INITS
 from cortexlab.cortex.controller import neutralise_controller_, predictive_entropy
 from cortexlab.cortex.wrap import decoder_layers
-from cortexlab.data.recall import DISTRACTOR_KINDS, FACT_TEMPLATES, FILLERS, TEMPLATES, RecallBatch, RecallTask
+from cortexlab.data.recall import (DIRECT_FACTS, DISTRACTOR_KINDS, FACT_TEMPLATES, FILLERS, TEMPLATES, RecallBatch,
+                                   RecallTask)
 
 from .common import (
     environment,
@@ -169,9 +170,9 @@ class RecallTrainConfig:
         if self.distractors_from and not self.distractors:
             raise ValueError(f"distractors_from={self.distractors_from} needs distractors > 0")
         check_number("direct_from", self.direct_from, 0, 1)
-        if self.direct_from and not self.templates.startswith("listed+direct"):
-            raise ValueError(f"direct_from={self.direct_from} needs templates 'listed+direct' or "
-                             f"'listed+direct-composed', got {self.templates!r}")
+        if self.direct_from and self.templates not in DIRECT_FACTS:
+            raise ValueError(f"direct_from={self.direct_from} needs templates with direct facts, one of "
+                             f"{tuple(DIRECT_FACTS)}, got {self.templates!r}")
         if self.distractor_kind not in DISTRACTOR_KINDS:
             raise ValueError(f"distractor_kind must be one of {DISTRACTOR_KINDS}, got {self.distractor_kind!r}")
         if self.distractor_kind != "all" and not self.distractors:
