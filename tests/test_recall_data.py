@@ -167,6 +167,31 @@ def test_composed_direct_templates_vary_what_follows_the_key(tokenizer):
         RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="listed+direct-composed")
 
 
+def test_bridged_direct_templates_vary_the_words_before_the_key(tokenizer):
+    from cortexlab.data.recall import DIRECT_FACT_BRIDGES, bridged_direct_templates, composed_direct_templates
+
+    facts = bridged_direct_templates()
+    assert len(set(facts)) == len(composed_direct_templates()) == 72
+    parts = [(t.split(" the pass key")[0], t.split(" the pass key")[1].split(" {key}")[0], t.split("{key}")[1])
+             for t in facts]
+    assert [f"{verb} the pass key {{key}}{ending}" for verb, _, ending in parts] == list(composed_direct_templates())
+    for verb in {v for v, _, _ in parts}:   # every verb meets every bridge, every ending six of the seven
+        assert {b for v, b, _ in parts if v == verb} == set(DIRECT_FACT_BRIDGES)
+    for ending in {e for _, _, e in parts}:
+        assert len({b for _, b, e in parts if e == ending}) == 6
+    assert not any(b.strip(" :") == "in memory" for b in DIRECT_FACT_BRIDGES)   # the held-out bridge stays unseen
+    assert not set(facts) & set(FACT_TEMPLATES["heldout"])
+    task = RecallTask(tokenizer, "train", max_filler_chars=CHARS, templates="listed+direct-bridged")
+    assert task.fact_templates == FACT_TEMPLATES["train"] + facts
+    batch = task.batch(2, 64, seed=0)
+    text = [tokenizer.decode(batch.input_ids[b, 0]) for b in range(64)]
+    drawn = {t.split(" {key}")[0].split("pass key")[1] for b, key in enumerate(batch.keys) for t in facts
+             if t.format(key=key) in text[b]}
+    assert len(drawn) >= 5   # many bridges drawn, not only the bare "pass key {key}"
+    with pytest.raises(ValueError, match="templates"):
+        RecallTask(tokenizer, "heldout", max_filler_chars=CHARS, templates="listed+direct-bridged")
+
+
 def test_package_filler_widens_training_text_without_heldout_overlap(tokenizer, tasks):
     root = stdlib_root()
     packages = stdlib_package_modules()

@@ -455,6 +455,7 @@ def test_direct_facts_join_at_their_step(tokenizer, monkeypatch):
     with pytest.raises(ValueError, match="direct_from"):
         RecallTrainConfig(templates="listed+direct", direct_from=1.5)
     assert RecallTrainConfig(templates="listed+direct-composed", direct_from=0.5).direct_from == 0.5
+    assert RecallTrainConfig(templates="listed+direct-bridged", direct_from=0.5).direct_from == 0.5
 
 
 def test_shared_directions_are_found_in_the_filler_pool_before_training(tokenizer, monkeypatch):

@@ -40,6 +40,10 @@ these put the key right after the noun ("Store the pass key 40213 somewhere safe
 `templates="listed+direct-composed"` adds every combination of `DIRECT_FACT_PARTS` instead (6 verbs x 12 endings,
 the 4 direct facts among them): what follows the key varies, so a memory cannot lean on the token after it. No
 ending starts with " for", the word after the key in the held-out "Memorise the pass key {key} for later.".
+`templates="listed+direct-bridged"` varies the words before the key as well: the same 72 verb-ending pairs, each
+with one of the 7 `DIRECT_FACT_BRIDGES` between "pass key" and the key in turn ("Copy the pass key below: 40213
+with care."), so every verb meets every bridge and every ending six of them; no bridge is " in memory:", the words
+before the key in the held-out "Keep this pass key in memory: {key}.".
 
 `distractors=p` puts other numbers stated like facts into the filler: each filler span (around the fact,
 a whole filler call, before the question) is, with probability p, overwritten in one place per
@@ -68,15 +72,15 @@ from cortexlab.checks import check_bool, check_int, check_number
 from .corpus import SPLITS, check_split, stdlib_modules, stdlib_package_modules, stdlib_root
 
 __all__ = [
-    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACTS", "DIRECT_FACT_PARTS", "DIRECT_FACT_TEMPLATES",
-    "DISTRACTOR_KINDS", "DISTRACTOR_TEMPLATES", "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES", "QUESTION_TEMPLATES",
-    "SPLITS", "TEMPLATES",
-    "RecallBatch", "RecallTask", "composed_direct_templates", "composed_templates", "distractor_templates",
-    "filler_files", "filler_token_pool", "filler_windows",
+    "COMPOSED_FACT_PARTS", "COMPOSED_QUESTION_PARTS", "DIRECT_FACTS", "DIRECT_FACT_BRIDGES", "DIRECT_FACT_PARTS",
+    "DIRECT_FACT_TEMPLATES", "DISTRACTOR_KINDS", "DISTRACTOR_TEMPLATES", "FACT_FRAMED_DISTRACTORS", "FACT_TEMPLATES",
+    "QUESTION_TEMPLATES", "SPLITS", "TEMPLATES",
+    "RecallBatch", "RecallTask", "bridged_direct_templates", "composed_direct_templates", "composed_templates",
+    "distractor_templates", "filler_files", "filler_token_pool", "filler_windows",
 ]
 
 FILLERS = ("stdlib", "stdlib+packages", "repeat")
-TEMPLATES = ("listed", "composed", "listed+direct", "listed+direct-composed")
+TEMPLATES = ("listed", "composed", "listed+direct", "listed+direct-composed", "listed+direct-bridged")
 SHINGLE_WORDS = 10           # a package docstring sharing a run of this many words with held-out filler is dropped
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 MIN_DOCSTRING_CHARS = 80     # shorter docstrings are mostly one-liners ("Return x.")
@@ -111,6 +115,7 @@ DIRECT_FACT_PARTS = (   # "<verb> the pass key {key}<ending>": 6 x 12 facts (tem
     (" somewhere safe.", " now.", " when you are asked.", ".", " and keep it.", " in your notes.", " until the end.",
      " before you go on.", " exactly as written.", " with care.", ", then read on.", " in a safe place."),
 )
+DIRECT_FACT_BRIDGES = ("", ":", ",", " here:", " below:", " that follows:", " number")   # "pass key<bridge> {key}"
 QUESTION_TEMPLATES = {   # the answer " 40213" follows each of these directly
     "train": (
         "What is the pass key? The pass key is",
@@ -219,8 +224,18 @@ def composed_direct_templates() -> tuple[str, ...]:
     return tuple(f"{verb} the pass key {{key}}{ending}" for verb, ending in itertools.product(*DIRECT_FACT_PARTS))
 
 
+def bridged_direct_templates() -> tuple[str, ...]:
+    """The verb-ending pairs of `composed_direct_templates()` in the same order, the i-th with the bridge
+    `DIRECT_FACT_BRIDGES[i % 7]`: "<verb> the pass key<bridge> {key}<ending>". 7 is prime to 6 and 12, so each
+    verb meets every bridge and each ending six of them."""
+    bridges = itertools.cycle(DIRECT_FACT_BRIDGES)
+    return tuple(f"{verb} the pass key{bridge} {{key}}{ending}"
+                 for (verb, ending), bridge in zip(itertools.product(*DIRECT_FACT_PARTS), bridges))
+
+
 DIRECT_FACTS = {   # the templates values that add direct facts, and the facts they add to the listed ones
     "listed+direct": DIRECT_FACT_TEMPLATES, "listed+direct-composed": composed_direct_templates(),
+    "listed+direct-bridged": bridged_direct_templates(),
 }
 
 
@@ -368,8 +383,9 @@ class RecallTask:
     phrasing: the split whose fact and question templates are used (None: `split`), so that crossing filler
     and phrasing splits can tell which of the two a model's held-out gap comes from; templates: "listed"
     (`FACT_TEMPLATES`, `QUESTION_TEMPLATES`), "composed" (`composed_templates()`), "listed+direct" (the listed
-    ones and `DIRECT_FACT_TEMPLATES`) or "listed+direct-composed" (the listed ones and
-    `composed_direct_templates()`), all but "listed" train phrasing only;
+    ones and `DIRECT_FACT_TEMPLATES`), "listed+direct-composed" (the listed ones and
+    `composed_direct_templates()`) or "listed+direct-bridged" (the listed ones and `bridged_direct_templates()`),
+    all but "listed" train phrasing only;
     distractors: the probability that a filler span carries other numbers stated like facts (the split's
     `DISTRACTOR_TEMPLATES`; see the module docstring); distractor_kind: "all" of them or the "plain" ones (without
     the `FACT_FRAMED_DISTRACTORS`).

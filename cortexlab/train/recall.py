@@ -121,8 +121,9 @@ class RecallTrainConfig:
                                          #   steps (the first hard_every main steps draw uniformly)
     templates: str = "listed"            # fact and question templates, both stages ("composed": 448 x 66;
                                          #   "listed+direct": with DIRECT_FACT_TEMPLATES;
-                                         #   "listed+direct-composed": with composed_direct_templates())
-    direct_from: float = 0.0             # templates="listed+direct(-composed)": the direct facts join after this
+                                         #   "listed+direct-composed": with composed_direct_templates();
+                                         #   "listed+direct-bridged": with bridged_direct_templates())
+    direct_from: float = 0.0             # templates="listed+direct(-...)": the direct facts join after this
                                          #   fraction of the steps (before: the listed facts; main stage only)
     distractors: float = 0.0             # after distractors_from * steps steps, this share of the filler calls
     distractors_from: float = 0.0        #   (and of the fact and question calls' filler spans, before cropping)
@@ -1028,9 +1029,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="fact and question templates of both stages (composed: every combination of their parts; "
                         "listed+direct: the listed ones and facts with the key right after 'pass key'; "
                         "listed+direct-composed: the listed ones and 72 such facts, 6 verbs x 12 endings after "
-                        "the key)")
+                        "the key; listed+direct-bridged: the same 72 with 7 bridges before the key in turn, "
+                        "'pass key below: 40213')")
     p.add_argument("--direct-from", type=float, default=d.direct_from,
-                   help="with --templates listed+direct(-composed): the fraction of the steps after which the "
+                   help="with --templates listed+direct(-composed/-bridged): the fraction of the steps after which the "
                         "direct facts join (before: the listed ones; not before the easy stage ends)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--call-tokens", type=int, default=d.call_tokens)
