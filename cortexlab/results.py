@@ -13,8 +13,8 @@ from pathlib import Path
 __all__ = ["FIRST_RECALL_ADAPTER", "RECALL_ADAPTER", "RECALL_RESULT", "load_result", "results_dir"]
 
 # the committed E2 sidecar (under results_dir()), the one the notebooks and dashboards load, and its run's results file
-RECALL_ADAPTER = "adapters/recall_128_direct_from"
-RECALL_RESULT = "recall_across_calls_direct_from.json"
+RECALL_ADAPTER = "adapters/recall_128_layer6_bridged"
+RECALL_RESULT = "recall_across_calls_layer6_bridged_seed0.json"
 # the first committed E2 sidecar: recall_shift, filler_damage and E4 read it by default, as their committed results did
 FIRST_RECALL_ADAPTER = "adapters/recall_128"
 

@@ -12,7 +12,7 @@ import pytest
 from cortexlab.apps import inverse_scaling as app_module
 from cortexlab.apps.inverse_scaling import E1, E2, E3, E4, EXPERIMENTS, InverseScalingApp
 from cortexlab.data.mqar import MQARTask
-from cortexlab.results import RECALL_RESULT
+from cortexlab.results import RECALL_RESULT, load_result
 from cortexlab.train.mqar import MQARTrainConfig, train_mqar
 from cortexlab.viz.experiments import mqar_live_figure
 
@@ -40,7 +40,7 @@ def test_experiment_changes_the_figure_numbers_and_command(results):
     app = InverseScalingApp(results=results)
     assert app.experiment == E2 and not app.message.visible
     seen = [app.figure_pane.object.layout.title.text]
-    assert "reset" in app.summary.object and f"recall --out results/{RECALL_RESULT}" in app.summary.object
+    assert "reset" in app.summary.object and f"`{load_result(RECALL_RESULT)['command']}`" in app.summary.object
     app.experiment = E3
     seen.append(app.figure_pane.object.layout.title.text)
     assert "later segments" in app.summary.object and "longtext" in app.summary.object

@@ -1,7 +1,7 @@
 """Memory state: what a trained Cortex sidecar writes while it reads your text, and what it recalls later.
 
 SmolLM2-135M-Instruct with the committed recall sidecar (`cortexlab.results.RECALL_ADAPTER`: one
-Gated DeltaNet memory of 4 heads x 64 x 64 on decoder layer 12, with its metacognitive
+Gated DeltaNet memory of 4 heads x 64 x 64 on decoder layer 6, with its metacognitive
 controller) reads each text as one call of a session. The page shows the memory S of a head
 as a heatmap (the player scrubs through the tokens), its norm and effective rank, the gates
 (write strength beta_t, forget gate a_t), the prediction error and the controller's signals.
@@ -30,7 +30,7 @@ __all__ = ["MemoryStateApp"]
 TITLE = APPS["memory_state"][0]
 INTRO = (
     f"A frozen **SmolLM2-135M-Instruct** with the committed Cortex sidecar (`results/{common.RECALL_ADAPTER}`, a "
-    "Gated DeltaNet memory on layer 12, trained to carry a pass key across calls). **Read** a text into the "
+    "Gated DeltaNet memory on layer 6, trained to carry a pass key across calls). **Read** a text into the "
     "session: each read is one call, and the model's own context restarts at every call, so only the memory "
     "S carries anything from one call to the next. **Ask** a question in a later call and compare the answer "
     "with the one given with the memory reset (the baseline). Each browser tab has its own sessions."
@@ -60,7 +60,7 @@ class MemoryStateApp(pn.viewable.Viewer):
         self.model = model if model is not None else common.cortex_model()
         super().__init__(**params)
         self.tokenizer = self.model.tokenizer
-        self.layer = self.model.layer_ids[0]       # the sidecar shown (the committed adapter has one, on layer 12)
+        self.layer = self.model.layer_ids[0]       # the sidecar shown (the committed adapter has one, on layer 6)
         self.param.head.bounds = (0, self.model.config.num_heads - 1)
         self._prefix = common.browser_session_id()
         self.view = None          # the last CallView of the current session
